@@ -1,0 +1,76 @@
+"""The seed's LeNet, on any backend, with the parameter names of the stock model.
+
+`LeNet` keeps its parameters in ordinary `nn.Conv2d` / `nn.Linear` submodules
+(conv1, conv2, fc1, fc2, fc3), so it initialises exactly like the stock model
+and its state_dict loads into `TorchLeNet` (plain torch.nn) and back.  Only the
+forward pass differs: it calls the fused ops of `lenet_fast.ops`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backends, ops
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (1, 28, 28)
+
+
+def _make_layers(module: nn.Module) -> None:
+    module.conv1 = nn.Conv2d(1, 6, kernel_size=3)    # 1x28x28 -> 6x26x26 -> pool -> 6x13x13
+    module.conv2 = nn.Conv2d(6, 16, kernel_size=3)   # 6x13x13 -> 16x11x11 -> pool -> 16x5x5
+    module.fc1 = nn.Linear(16 * 5 * 5, 120)
+    module.fc2 = nn.Linear(120, 84)
+    module.fc3 = nn.Linear(84, NUM_CLASSES)
+
+
+class TorchLeNet(nn.Module):
+    """The seed's LeNet written with stock torch.nn layers only: the reference model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        _make_layers(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class LeNet(nn.Module):
+    """The seed's LeNet whose forward runs on the fused ops of `backend`.
+
+    backend: "auto" (best for the input's device), "torch", "triton" or "ext";
+    see `lenet_fast.available_backends()`.
+    """
+
+    def __init__(self, backend: str = "auto") -> None:
+        super().__init__()
+        if backend != "auto":
+            backends.get_backend(backend)  # an unknown name fails here, not at the first forward
+        self.backend = backend
+        _make_layers(self)
+
+    def resolved_backend(self, device: torch.device | str | None = None) -> str:
+        """The concrete backend the forward pass uses on `device` (default: the parameters')."""
+        device = self.conv1.weight.device if device is None else device
+        return backends.resolve(self.backend, device, self.conv1.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
+            raise ValueError(f"LeNet expects x of shape (N, 1, 28, 28), got {tuple(x.shape)}")
+        b = self.backend
+        x = ops.conv3x3_relu_maxpool2x2(x, self.conv1.weight, self.conv1.bias, backend=b)
+        x = ops.conv3x3_relu_maxpool2x2(x, self.conv2.weight, self.conv2.bias, backend=b)
+        x = torch.flatten(x, 1)
+        x = ops.linear(x, self.fc1.weight, self.fc1.bias, relu=True, backend=b)
+        x = ops.linear(x, self.fc2.weight, self.fc2.bias, relu=True, backend=b)
+        return ops.linear(x, self.fc3.weight, self.fc3.bias, backend=b)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

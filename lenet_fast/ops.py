@@ -1,0 +1,118 @@
+"""The public functional API: four fused ops with stock PyTorch semantics.
+
+Every op validates its arguments here, once, then hands them to the selected
+backend (see `lenet_fast.backends`).  Bad input raises ValueError or TypeError
+naming the argument and its shape; backends only ever see valid input.
+
+    conv3x3_relu(x, weight, bias, padding=0)            relu(conv2d(x, weight, bias, padding=padding))
+    maxpool2x2(x)                                       max_pool2d(x, 2)
+    conv3x3_relu_maxpool2x2(x, weight, bias, padding=0) max_pool2d(relu(conv2d(...)), 2)
+    linear(x, weight, bias, relu=False)                 linear(x, weight, bias), then relu if asked
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+
+
+def _check_tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype} (shape {tuple(t.shape)})")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_same(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; use one dtype")
+
+
+def _check_conv_args(x, weight, bias, padding) -> None:
+    _check_tensor("x", x, 4)
+    _check_tensor("weight", weight, 4)
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+    _check_same(x, weight=weight, bias=bias)
+    if isinstance(padding, bool) or padding not in (0, 1):
+        raise ValueError(f"padding must be 0 or 1, got {padding!r}")
+    c_out, c_in, kh, kw = weight.shape
+    if (kh, kw) != (3, 3):
+        raise ValueError(f"weight must have shape (C_out, C_in, 3, 3), got {tuple(weight.shape)}")
+    if c_in != x.shape[1]:
+        raise ValueError(
+            f"weight expects {c_in} input channels (weight shape {tuple(weight.shape)}) "
+            f"but x has {x.shape[1]} (x shape {tuple(x.shape)})"
+        )
+    if c_out == 0 or c_in == 0:
+        raise ValueError(f"weight must have at least one input and output channel, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape[0] != c_out:
+        raise ValueError(f"bias must have shape ({c_out},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    h, w = x.shape[2] + 2 * padding, x.shape[3] + 2 * padding
+    if h < 3 or w < 3:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} with padding={padding} is smaller than the 3x3 kernel"
+        )
+
+
+def _check_pool_input(name: str, shape: tuple[int, ...], what: str) -> None:
+    if shape[-2] < 2 or shape[-1] < 2:
+        raise ValueError(f"{name} {what} {tuple(shape)} is smaller than the 2x2 pooling window")
+
+
+def _impl(backend: str, x: torch.Tensor):
+    return backends.implementation(backend, x.device, x.dtype)
+
+
+def conv3x3_relu(x, weight, bias=None, *, padding: int = 0, backend: str = "auto") -> torch.Tensor:
+    """relu(conv2d(x, weight, bias, padding=padding)) for a 3x3 kernel, stride 1, NCHW."""
+    _check_conv_args(x, weight, bias, padding)
+    return _impl(backend, x).conv3x3_relu(x, weight, bias, padding)
+
+
+def maxpool2x2(x, *, backend: str = "auto") -> torch.Tensor:
+    """max_pool2d(x, 2): 2x2 window, stride 2, floor mode; NaN wins, first maximum wins ties."""
+    _check_tensor("x", x, 4)
+    _check_pool_input("x", tuple(x.shape), "of shape")
+    return _impl(backend, x).maxpool2x2(x)
+
+
+def conv3x3_relu_maxpool2x2(x, weight, bias=None, *, padding: int = 0, backend: str = "auto") -> torch.Tensor:
+    """max_pool2d(relu(conv2d(x, weight, bias, padding=padding)), 2) in one fused op."""
+    _check_conv_args(x, weight, bias, padding)
+    conv_shape = (x.shape[0], weight.shape[0], x.shape[2] + 2 * padding - 2, x.shape[3] + 2 * padding - 2)
+    _check_pool_input("x", conv_shape, f"of shape {tuple(x.shape)} gives a convolution output of shape")
+    return _impl(backend, x).conv3x3_relu_maxpool2x2(x, weight, bias, padding)
+
+
+def linear(x, weight, bias=None, *, relu: bool = False, backend: str = "auto") -> torch.Tensor:
+    """linear(x, weight, bias), then ReLU when relu=True; x is (..., in_features)."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, 2)
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+    _check_same(x, weight=weight, bias=bias)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) "
+            f"but weight expects {in_features} (weight shape {tuple(weight.shape)})"
+        )
+    if bias is not None and bias.shape[0] != out_features:
+        raise ValueError(
+            f"bias must have shape ({out_features},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}"
+        )
+    lead = x.shape[:-1]
+    y = _impl(backend, x).linear(x.reshape(-1, in_features), weight, bias, bool(relu))
+    return y.reshape(*lead, out_features)
