@@ -1,0 +1,77 @@
+"""Test helpers shared by the op tests: exact-arithmetic inputs, scaled comparison, grads."""
+
+import torch
+
+
+def exact_tensor(shape, step, lo=-4, hi=4, *, generator, device="cpu", dtype=torch.float32):
+    """Random multiples of `step` in [lo*step, hi*step].
+
+    Sums of products of such values stay exactly representable in fp32 at the
+    sizes tested, so every backend must agree with the reference bit for bit,
+    whatever its summation order: max-pool winners (and so gradient routing)
+    cannot flip on rounding, and exact ties appear often.
+    """
+    values = torch.randint(lo, hi + 1, shape, generator=generator).to(dtype) * step
+    return values.to(device)
+
+
+def assert_close_scaled(actual, expected, rel, name):
+    """|actual - expected| <= rel * max(1, max|expected|) elementwise, NaN where NaN.
+
+    `expected` is computed in float64 from the same inputs; `rel` is the stated
+    tolerance relative to the output's scale.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    expected = expected.detach().double().cpu()
+    actual = actual.detach().double().cpu()
+    scale = max(1.0, expected.abs().nan_to_num(0.0).max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * scale, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def grads_of(out, inputs, grad_out):
+    """Gradients of (out * grad_out).sum() w.r.t. every input that requires grad (None otherwise)."""
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
+    return [next(got) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def leaf(t, requires_grad=True):
+    """A fresh leaf copy of t (None stays None)."""
+    return None if t is None else t.detach().clone().requires_grad_(requires_grad)
+
+
+# Stated tolerances, relative to the output's scale (max(1, max|reference|)); the
+# reference is the stock op evaluated in float64 on the same fp32 inputs.
+FWD_REL = 1e-5
+GRAD_REL = 5e-5
+
+
+def check_op(op, reference, inputs, *, device, needs_grad=None, grad_generator=None, fwd_rel=FWD_REL, grad_rel=GRAD_REL):
+    """op(*inputs) on `device` against reference(*inputs) in float64: output and every gradient.
+
+    `inputs` are CPU tensors (or None); `needs_grad[i]` says whether input i
+    requires grad (default: all tensors do).  The upstream gradient is an
+    exact-arithmetic tensor, so gradient routing is compared without rounding
+    noise.
+    """
+    if needs_grad is None:
+        needs_grad = [t is not None for t in inputs]
+    generator = grad_generator or torch.Generator().manual_seed(1234)
+    ours = [None if t is None else leaf(t.to(device), rg) for t, rg in zip(inputs, needs_grad)]
+    refs = [None if t is None else leaf(t.double(), rg) for t, rg in zip(inputs, needs_grad)]
+    out = op(*ours)
+    ref = reference(*refs)
+    assert out.device.type == torch.device(device).type, f"output on {out.device}, expected {device}"
+    assert out.dtype == inputs[0].dtype, f"output dtype {out.dtype}, expected {inputs[0].dtype}"
+    assert_close_scaled(out, ref, fwd_rel, "output")
+    if not any(needs_grad):
+        return out
+    grad_out = exact_tensor(tuple(out.shape), 0.25, generator=generator)
+    got = grads_of(out, ours, grad_out.to(device))
+    want = grads_of(ref, refs, grad_out.double())
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            continue
+        assert g is not None, f"gradient of input {i} is missing"
+        assert_close_scaled(g, w, grad_rel, f"gradient of input {i}")
+    return out

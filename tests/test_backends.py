@@ -1,0 +1,78 @@
+"""The backend registry: resolution, "auto", reporting, and how a new backend plugs in."""
+
+import types
+
+import pytest
+import torch
+
+import lenet_fast
+from lenet_fast import backends, ops
+
+
+def test_available_backends_reports_every_backend_with_a_reason():
+    report = lenet_fast.available_backends()
+    assert {"torch", "triton", "ext"} <= set(report)
+    assert report["torch"]["available"] and "cpu" in report["torch"]["devices"]
+    for name, entry in report.items():
+        assert entry["available"] == bool(entry["devices"])
+        if not entry["available"]:
+            assert entry["reason"], f"{name} is unavailable without a reason"
+
+
+def test_cuda_is_reported_missing_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    report = lenet_fast.available_backends()
+    assert "cuda" not in report["torch"]["devices"]
+    with pytest.raises(lenet_fast.BackendUnavailableError, match="torch.cuda.is_available"):
+        backends.resolve("torch", "cuda")
+
+
+def test_auto_resolves_to_a_usable_backend():
+    name = backends.resolve("auto", "cpu", torch.float32)
+    assert backends.get_backend(name).unavailable_reason("cpu") is None
+
+
+def test_auto_skips_backends_without_the_dtype():
+    # float16 on CPU: only the torch reference takes it.
+    assert backends.resolve("auto", "cpu", torch.float16) == "torch"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="valid backends"):
+        backends.resolve("nope", "cpu")
+    with pytest.raises(ValueError, match="valid backends"):
+        lenet_fast.LeNet(backend="nope")
+
+
+def test_a_new_backend_is_one_registration(monkeypatch):
+    """Registering an implementation object is all it takes for ops (and so LeNet) to use it."""
+    calls = []
+    reference = backends.get_backend("torch").load()
+
+    def counting(op_name):
+        def run(*args):
+            calls.append(op_name)
+            return getattr(reference, op_name)(*args)
+        return run
+
+    impl = types.SimpleNamespace(**{op: counting(op) for op in backends.OP_NAMES})
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_AUTO_ORDER", {k: list(v) for k, v in backends._AUTO_ORDER.items()})
+    backends.register_backend(
+        backends.Backend(name="counting", description="test", device_types=("cpu",), loader=lambda: impl)
+    )
+    model = lenet_fast.LeNet(backend="counting")
+    out = model(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 10)
+    assert calls == ["conv3x3_relu_maxpool2x2"] * 2 + ["linear"] * 3
+
+
+def test_backend_missing_an_op_is_unavailable_with_reason(monkeypatch):
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    backends.register_backend(
+        backends.Backend(name="partial", description="test", device_types=("cpu",),
+                         loader=lambda: types.SimpleNamespace(linear=lambda *a: None))
+    )
+    with pytest.raises(lenet_fast.BackendUnavailableError, match="does not implement conv3x3_relu, maxpool2x2"):
+        ops.maxpool2x2(torch.zeros(1, 1, 2, 2), backend="partial")
