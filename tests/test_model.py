@@ -67,7 +67,7 @@ def exact_model_and_batch(batch=32, seed=0):
 
 
 def training_step(backend, device, state, images, labels):
-    model = LeNet(backend=backend).to(device)
+    model = LeNet(backend=backend).to(device, images.dtype)
     model.load_state_dict(state)
     loss = torch.nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
     loss.backward()
