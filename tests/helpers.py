@@ -75,3 +75,35 @@ def check_op(op, reference, inputs, *, device, needs_grad=None, grad_generator=N
         assert g is not None, f"gradient of input {i} is missing"
         assert_close_scaled(g, w, grad_rel, f"gradient of input {i}")
     return out
+
+
+def write_idx(path, array):
+    """Write a uint8 array as an IDX file (the MNIST format)."""
+    import struct
+
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.tobytes())
+
+
+def write_synthetic_mnist(root, n_train=384, n_test=128, seed=0, folder="MNIST"):
+    """A small learnable MNIST-format dataset under `root` (a torchvision root):
+    class k is a bright 7x7 square at one of ten fixed places, plus noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    places = [(2 + 8 * (k % 3), 2 + 6 * (k // 3)) for k in range(10)]
+    raw = root / folder / "raw"
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        for i, k in enumerate(labels):
+            r, c = places[k]
+            images[i, r : r + 7, c : c + 7] = rng.integers(180, 256, (7, 7))
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root

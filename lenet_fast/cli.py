@@ -1,0 +1,93 @@
+"""What the command-line tools (train, evaluate, predict) share: options, device and
+backend resolution, machine description, and the one-line exit-2 error."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+from typing import NoReturn
+
+import torch
+
+from . import __version__, backends
+from .data import DATASETS
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad option, missing GPU, missing data): exit 2, no traceback."""
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def add_runtime_options(parser: argparse.ArgumentParser, *, default_device="auto", default_backend="auto") -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default_device,
+                        help="where to run (auto: cuda when available, else cpu)")
+    parser.add_argument("--backend", choices=backends.backend_names(), default=default_backend,
+                        help="op implementation (auto: the best one available for the device)")
+
+
+def add_data_options(parser: argparse.ArgumentParser, *, with_dataset=True) -> None:
+    if with_dataset:
+        parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                            help="MNIST-format dataset (default: mnist)")
+    parser.add_argument("--data-dir", default=None,
+                        help="torchvision data root (default: $LENET_FAST_DATA, else ~/.cache/lenet_fast)")
+    parser.add_argument("--no-download", action="store_true", default=None,
+                        help="never download; fail with instructions when the files are missing")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    try:
+        return backends.resolve(name, device, torch.float32)
+    except backends.BackendUnavailableError as exc:
+        raise UsageError(f"--backend {name}: {exc}") from None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str | None]:
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "lenet_fast": __version__,
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "torchvision": version("torchvision"),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
+
+
+def configure_determinism() -> None:
+    """Same seed, same backend, same result: stock cuDNN must not pick algorithms by timing."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
