@@ -224,3 +224,4 @@ register_backend(
     ),
     auto_priority={"cpu": 0, "cuda": 1},
 )
+
