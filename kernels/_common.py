@@ -1,0 +1,200 @@
+"""Pieces shared by the kernel files: launch heuristics, the dot precision switch,
+and the few @triton.jit helpers that two or more ops need (ReLU, its gradient,
+the 2x2 max-pool comparison, and the im2col gather of a 3x3 convolution).
+
+Conventions used by every kernel in this package:
+
+* Tensors are contiguous NCHW (or row-major 2-D) fp32; the launch wrappers make
+  them so.  Pixel indices that run over a whole batch are int64, because
+  N*C*H*W may exceed 2**31; a single image (C*H*W) is assumed to fit in int32.
+* A "pixel" axis flattens (n, row, col) so that one block of a program may span
+  several images: LeNet's maps are small (26x26, 13x13, 11x11, 5x5) and
+  per-image tiles would leave most lanes idle.
+* Weight and bias gradients are reduced deterministically: each program writes
+  a partial sum for its slice of pixels, and the partials are summed over a
+  fixed axis afterwards (never float atomics).
+"""
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Callable, Iterator
+
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+# tl.dot precision for fp32 operands.  "ieee" (the default) makes the GPU agree
+# with the CPU interpreter and with torch to ~1e-6; TF32 is faster on sm_80+
+# tensor cores but keeps only 10 mantissa bits, so it is opt-in:
+#   LENET_FAST_TRITON_TF32=1            (environment, read at import), or
+#   lenet_fast.kernels._common.ALLOW_TF32 = True   (at run time).
+ALLOW_TF32 = os.environ.get("LENET_FAST_TRITON_TF32", "0") == "1"
+
+# Default warps per program.  Every tile below is at most 32x128 fp32, which
+# 4 warps hold without spilling (see `python -m lenet_fast.compile_check`).
+NUM_WARPS = 4
+
+# An H100/H200 has 132 SMs; a launch with fewer programs than about twice that
+# leaves SMs idle, so block-size heuristics switch to smaller tiles below it.
+_ENOUGH_PROGRAMS = 264
+
+# Upper bound on the number of partial sums of a weight gradient: enough
+# programs to fill the GPU, few enough that summing the partials is trivial.
+_MAX_REDUCTION_PROGRAMS = 128
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch, as recorded by `recording_launches`."""
+
+    kernel: Any  # the @triton.jit function
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+_recorded: list[Launch] | None = None
+
+
+def launch(kernel: Callable, grid: tuple, *args: Any, **kwargs: Any) -> None:
+    """Launch `kernel` over `grid`: the only way the wrappers start a kernel.
+
+    The launch goes through torch.library.wrap_triton, which a triton_op
+    needs to see (and trace) the kernel.  Inside `recording_launches()` the
+    launch is recorded instead, which lets lenet_fast.compile_check enumerate
+    exactly what the wrappers would launch, without a GPU.
+    """
+    if _recorded is not None:
+        _recorded.append(Launch(kernel, tuple(grid), args, kwargs))
+        return
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_launches() -> Iterator[list[Launch]]:
+    """Record launches instead of running them (run the wrappers on fake tensors)."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
+
+
+def dot_precision() -> str:
+    """The `input_precision` passed to every tl.dot on fp32 tiles."""
+    return "tf32" if ALLOW_TF32 else "ieee"
+
+
+def pow2_clamp(n: int, lo: int, hi: int) -> int:
+    """next_power_of_2(n) limited to [lo, hi]; tl.dot needs every tile dim >= 16."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def pixel_block(n_pix: int, other_programs: int, on_gpu: bool) -> int:
+    """Pixels per program for a conv-like kernel.
+
+    GPU: 128 when that still gives enough programs to fill the GPU (large
+    batches), else 64.  CPU, i.e. the Triton interpreter, pays mostly per
+    program and per op (Python overhead), hardly per element, so it gets about
+    4 programs along the pixel axis, with blocks of 64 to 4096: small test
+    shapes still run several programs (block edges, blocks spanning images)
+    and LeNet's batch-64 layers take a fraction of a second instead of tens.
+    """
+    if not on_gpu:
+        return pow2_clamp(triton.cdiv(n_pix, 4), 64, 4096)
+    if triton.cdiv(n_pix, 128) * other_programs >= _ENOUGH_PROGRAMS:
+        return 128
+    return 64
+
+
+def reduction_split(n_blocks: int) -> tuple[int, int]:
+    """Split `n_blocks` pixel blocks of a gradient reduction over programs.
+
+    Returns (programs, blocks_per_program).  Program i reduces the contiguous
+    blocks [i*blocks_per_program, (i+1)*blocks_per_program); the split depends
+    only on the problem size, so the summation order, and with it the result,
+    is the same on every run.
+    """
+    per_program = max(1, triton.cdiv(n_blocks, _MAX_REDUCTION_PROGRAMS))
+    return max(1, triton.cdiv(n_blocks, per_program)), per_program
+
+
+# Block sizes of the 3x3-convolution kernels (plain and pooled share them).
+# BLOCK_CO/BLOCK_CI: output/input channels per program (or per tl.dot step of
+# the input gradient), BLOCK_P: pixels per program, BLOCK_J: im2col rows
+# (ci*9 + kh*3 + kw) per tl.dot step.  LeNet's Cin*9 of 9 and 54 fit one
+# BLOCK_J step; larger layers loop.
+
+
+def conv_forward_config(n_pix: int, C_in: int, C_out: int, on_gpu: bool = True) -> dict:
+    block_co = pow2_clamp(C_out, 16, 32)
+    return {
+        "BLOCK_CO": block_co,
+        "BLOCK_P": pixel_block(n_pix, triton.cdiv(C_out, block_co), on_gpu),
+        "BLOCK_J": pow2_clamp(C_in * 9, 16, 64),
+    }
+
+
+def conv_weight_grad_config(n_pix: int, C_in: int, C_out: int, on_gpu: bool = True) -> dict:
+    # The pixel axis is the reduction here; on the GPU its parallelism comes
+    # from reduction_split, so the block stays at 64.
+    return {
+        "BLOCK_CO": pow2_clamp(C_out, 16, 32),
+        "BLOCK_P": 64 if on_gpu else pixel_block(n_pix, 1, on_gpu),
+        "BLOCK_J": pow2_clamp(C_in * 9, 16, 64),
+    }
+
+
+def conv_input_grad_config(n_pix: int, C_in: int, C_out: int, on_gpu: bool = True) -> dict:
+    block_ci = pow2_clamp(C_in, 16, 32)
+    return {
+        "BLOCK_CI": block_ci,
+        "BLOCK_P": pixel_block(n_pix, triton.cdiv(C_in, block_ci), on_gpu),
+        "BLOCK_CO": pow2_clamp(C_out, 16, 32),
+    }
+
+
+@triton.jit
+def relu(v):
+    # `v < 0` is False for NaN, so NaN passes through as in torch.relu.
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
+def relu_grad(grad, out):
+    # torch's threshold_backward zeroes the gradient where out <= 0; a NaN
+    # output lets the gradient through, and so does this.
+    return tl.where(out <= 0, 0.0, grad)
+
+
+@triton.jit
+def pool_update(best, best_pos, v, pos: tl.constexpr):
+    """One step of the 2x2 max-pool scan over positions 0..3 (row-major).
+
+    Same rule as ATen's max_pool2d: a value replaces the running maximum when it
+    is strictly greater (so the first of equal maxima wins) or when it is NaN
+    (so NaN wins, and of several NaNs the last one does).
+    """
+    take = (v > best) | (v != v)
+    return tl.where(take, v, best), tl.where(take, pos, best_pos)
+
+
+@triton.jit
+def im2col_3x3(x_ptr, img_base, oh, ow, valid_p, j, C, H, W, PAD: tl.constexpr):
+    """The [len(j), len(oh)] im2col tile of a 3x3 convolution.
+
+    Row j = ci*9 + kh*3 + kw of column p holds x[n, ci, oh+kh-PAD, ow+kw-PAD],
+    or 0 outside the image (zero padding), for j >= C*9 or for an invalid p.
+    img_base is n*C*H*W per pixel (int64); oh/ow are output coordinates.
+    """
+    ci = j // 9
+    tap = j - ci * 9
+    kh = tap // 3
+    kw = tap - kh * 3
+    ih = oh[None, :] + (kh - PAD)[:, None]
+    iw = ow[None, :] + (kw - PAD)[:, None]
+    mask = (j < C * 9)[:, None] & valid_p[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    offs = img_base[None, :] + (ci * (H * W))[:, None] + ih * W + iw
+    return tl.load(x_ptr + offs, mask=mask, other=0.0)
