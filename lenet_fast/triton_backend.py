@@ -1,0 +1,238 @@
+"""The "triton" backend: the Triton kernels of `lenet_fast.kernels` as PyTorch custom ops.
+
+Every forward and backward launch is a `torch.library.triton_op` in the
+`lenet_fast` namespace, so the ops show up in torch.compile / torch.export
+graphs with their kernels visible (wrap_triton), and autograd is attached with
+`register_autograd`:
+
+    lenet_fast::triton_conv3x3_relu                    (x, weight, bias?, padding) -> out
+    lenet_fast::triton_conv3x3_relu_backward_input     (grad, out, weight, padding) -> grad_x
+    lenet_fast::triton_conv3x3_relu_backward_params    (grad, out, x, padding) -> (grad_w, grad_b)
+    lenet_fast::triton_maxpool2x2                      (x) -> (out, winner int8)
+    lenet_fast::triton_maxpool2x2_backward             (grad, winner, H, W) -> grad_x
+    lenet_fast::triton_conv3x3_relu_maxpool2x2         (x, weight, bias?, padding) -> (out, winner int8)
+    lenet_fast::triton_conv3x3_relu_maxpool2x2_backward_input   (grad, out, winner, weight, H, W, padding)
+    lenet_fast::triton_conv3x3_relu_maxpool2x2_backward_params  (grad, out, winner, x, padding)
+    lenet_fast::triton_linear                          (x, weight, bias?, relu) -> out
+    lenet_fast::triton_linear_backward_input           (grad, out, weight, relu) -> grad_x
+    lenet_fast::triton_linear_backward_params          (grad, out, x, relu) -> (grad_w, grad_b)
+
+The backward of each op saves only its inputs and its (pooled) output: ReLU's
+mask is recomputed from the output and the pooling winner travels as int8.
+The input gradient is a separate op so that it is skipped entirely when the
+input needs no gradient (LeNet's first layer).
+
+On CPU tensors the kernels run only under TRITON_INTERPRET=1 (see
+lenet_fast.backends).  Only float32 is supported.
+"""
+
+from typing import Optional
+
+import torch
+from torch.library import register_autograd, triton_op
+
+from .kernels.conv3x3_relu import (
+    conv3x3_relu_backward_input,
+    conv3x3_relu_backward_params,
+    conv3x3_relu_forward,
+)
+from .kernels.conv3x3_relu_maxpool2x2 import (
+    conv3x3_relu_maxpool2x2_backward_input,
+    conv3x3_relu_maxpool2x2_backward_params,
+    conv3x3_relu_maxpool2x2_forward,
+)
+from .kernels.linear import linear_backward_input, linear_backward_params, linear_forward
+from .kernels.maxpool2x2 import maxpool2x2_backward, maxpool2x2_forward
+
+DTYPES = (torch.float32,)
+
+# The op bodies below stay one line each: a triton_op body is also run on fake
+# tensors to infer output shapes, so all of its logic lives in the launch
+# wrappers, which only allocate, launch and reduce with torch ops.
+
+
+# --------------------------------------------------------------------------- conv3x3 + bias + ReLU
+
+
+@triton_op("lenet_fast::triton_conv3x3_relu", mutates_args=())
+def _conv3x3_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> torch.Tensor:
+    return conv3x3_relu_forward(x, weight, bias, padding)
+
+
+@triton_op("lenet_fast::triton_conv3x3_relu_backward_input", mutates_args=())
+def _conv3x3_relu_backward_input(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
+                                 padding: int) -> torch.Tensor:
+    return conv3x3_relu_backward_input(grad, out, weight, padding)
+
+
+@triton_op("lenet_fast::triton_conv3x3_relu_backward_params", mutates_args=())
+def _conv3x3_relu_backward_params(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                                  padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv3x3_relu_backward_params(grad, out, x, padding)
+
+
+def _conv3x3_relu_setup(ctx, inputs, output):
+    x, weight, bias, padding = inputs
+    ctx.padding = padding
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, output)
+
+
+def _conv3x3_relu_bwd(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _conv3x3_relu_backward_input(grad, out, weight, ctx.padding)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_w, grad_b = _conv3x3_relu_backward_params(grad, out, x, ctx.padding)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None
+
+
+register_autograd("lenet_fast::triton_conv3x3_relu", _conv3x3_relu_bwd, setup_context=_conv3x3_relu_setup)
+
+
+# --------------------------------------------------------------------------- max-pool 2x2
+
+
+@triton_op("lenet_fast::triton_maxpool2x2", mutates_args=())
+def _maxpool2x2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return maxpool2x2_forward(x)
+
+
+@triton_op("lenet_fast::triton_maxpool2x2_backward", mutates_args=())
+def _maxpool2x2_backward(grad: torch.Tensor, winner: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    return maxpool2x2_backward(grad, winner, H, W)
+
+
+def _maxpool2x2_setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.input_hw = x.shape[-2:]
+    ctx.save_for_backward(output[1])
+    # The winner output is int8 bookkeeping: no gradient, and no zero-filled
+    # int8 "gradient" allocated for it at every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _maxpool2x2_bwd(ctx, grad, _grad_winner):
+    (winner,) = ctx.saved_tensors
+    return _maxpool2x2_backward(grad, winner, *ctx.input_hw)
+
+
+register_autograd("lenet_fast::triton_maxpool2x2", _maxpool2x2_bwd, setup_context=_maxpool2x2_setup)
+
+
+# --------------------------------------------------------------------------- conv3x3 + bias + ReLU + max-pool 2x2
+
+
+@triton_op("lenet_fast::triton_conv3x3_relu_maxpool2x2", mutates_args=())
+def _conv3x3_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv3x3_relu_maxpool2x2_forward(x, weight, bias, padding)
+
+
+@triton_op("lenet_fast::triton_conv3x3_relu_maxpool2x2_backward_input", mutates_args=())
+def _conv3x3_relu_maxpool2x2_backward_input(grad: torch.Tensor, out: torch.Tensor, winner: torch.Tensor,
+                                            weight: torch.Tensor, H: int, W: int, padding: int) -> torch.Tensor:
+    return conv3x3_relu_maxpool2x2_backward_input(grad, out, winner, weight, H, W, padding)
+
+
+@triton_op("lenet_fast::triton_conv3x3_relu_maxpool2x2_backward_params", mutates_args=())
+def _conv3x3_relu_maxpool2x2_backward_params(grad: torch.Tensor, out: torch.Tensor, winner: torch.Tensor,
+                                             x: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return conv3x3_relu_maxpool2x2_backward_params(grad, out, winner, x, padding)
+
+
+def _conv3x3_relu_maxpool2x2_setup(ctx, inputs, output):
+    x, weight, bias, padding = inputs
+    out, winner = output
+    ctx.padding = padding
+    ctx.has_bias = bias is not None
+    ctx.input_hw = x.shape[-2:]
+    ctx.save_for_backward(x, weight, out, winner)
+    ctx.mark_non_differentiable(winner)
+    ctx.set_materialize_grads(False)
+
+
+def _conv3x3_relu_maxpool2x2_bwd(ctx, grad, _grad_winner):
+    x, weight, out, winner = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _conv3x3_relu_maxpool2x2_backward_input(grad, out, winner, weight, *ctx.input_hw, ctx.padding)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_w, grad_b = _conv3x3_relu_maxpool2x2_backward_params(grad, out, winner, x, ctx.padding)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None
+
+
+register_autograd("lenet_fast::triton_conv3x3_relu_maxpool2x2", _conv3x3_relu_maxpool2x2_bwd,
+                  setup_context=_conv3x3_relu_maxpool2x2_setup)
+
+
+# --------------------------------------------------------------------------- linear (+ ReLU)
+
+
+@triton_op("lenet_fast::triton_linear", mutates_args=())
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    return linear_forward(x, weight, bias, relu)
+
+
+@triton_op("lenet_fast::triton_linear_backward_input", mutates_args=())
+def _linear_backward_input(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, relu: bool) -> torch.Tensor:
+    return linear_backward_input(grad, out, weight, relu)
+
+
+@triton_op("lenet_fast::triton_linear_backward_params", mutates_args=())
+def _linear_backward_params(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                            relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear_backward_params(grad, out, x, relu)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, relu = inputs
+    ctx.relu = relu
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, output)
+
+
+def _linear_bwd(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _linear_backward_input(grad, out, weight, ctx.relu)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        grad_w, grad_b = _linear_backward_params(grad, out, x, ctx.relu)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None
+
+
+register_autograd("lenet_fast::triton_linear", _linear_bwd, setup_context=_linear_setup)
+
+
+# --------------------------------------------------------------------------- the backend API (see lenet_fast.backends)
+
+
+def _check_dtype(x: torch.Tensor) -> None:
+    # The registry advertises float32 only, but an explicit backend="triton"
+    # bypasses its dtype filter; fail with a reason rather than in a kernel.
+    if x.dtype not in DTYPES:
+        raise TypeError(f"the triton backend supports float32 tensors only, got {x.dtype} (shape {tuple(x.shape)})")
+
+
+def conv3x3_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> torch.Tensor:
+    _check_dtype(x)
+    return _conv3x3_relu(x, weight, bias, padding)
+
+
+def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
+    _check_dtype(x)
+    return _maxpool2x2(x)[0]
+
+
+def conv3x3_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            padding: int) -> torch.Tensor:
+    _check_dtype(x)
+    return _conv3x3_relu_maxpool2x2(x, weight, bias, padding)[0]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    _check_dtype(x)
+    return _linear(x, weight, bias, relu)
