@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, cli, data
+from .cuda_graph import GraphedTrainStep, make_fused_optimizer
 from .model import LeNet
 
 PROG = "lenet_fast.train"
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<date>-<time>)")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from this checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture forward+backward+optimizer step as one CUDA graph (CUDA only; full batches only)")
     return p
 
 
@@ -98,6 +101,16 @@ def make_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimize
         return torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     return torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=MOMENTUM, nesterov=True,
                            weight_decay=config["weight_decay"])
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    """One eager training step; returns (loss, number of correct predictions), both on the device."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
 
 def learning_rate(config: dict, step: int, total_steps: int) -> float:
@@ -176,11 +189,27 @@ def train(config: dict, resumed: dict | None = None) -> dict:
 
     torch.manual_seed(config["seed"])
     model = LeNet(backend=backend).to(device)
-    optimizer = make_optimizer(model, config)
+    lr_tensor = None
+    if config.get("cuda_graph"):
+        if device.type != "cuda":
+            raise cli.UsageError("--cuda-graph needs a CUDA device (--device cuda)")
+        if len(train_set) < config["batch_size"]:
+            raise cli.UsageError(f"--cuda-graph replays full batches only, and {len(train_set)} training images "
+                                 f"do not fill one batch of {config['batch_size']}")
+        lr_tensor = torch.tensor(config["lr"], device=device)
+        kwargs = {"weight_decay": config["weight_decay"]}
+        if config["optimizer"] == "sgd":
+            kwargs.update(momentum=MOMENTUM, nesterov=True)
+        optimizer = make_fused_optimizer(model.parameters(), config["optimizer"], lr_tensor, **kwargs)
+    else:
+        optimizer = make_optimizer(model, config)
     history, start_epoch, start_step, partial = [], 0, 0, None
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
+        if lr_tensor is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_tensor  # the graph reads this very tensor
         history = list(resumed["history"])
         start_epoch, start_step, partial = resumed["epoch"], resumed["step"], resumed["partial"]
         torch.set_rng_state(resumed["rng_cpu"])
@@ -196,6 +225,15 @@ def train(config: dict, resumed: dict | None = None) -> dict:
         "epochs": history,
     }
     batch_size, epochs = config["batch_size"], config["epochs"]
+    graphed = GraphedTrainStep(model, optimizer, batch_size) if lr_tensor is not None else None
+
+    def set_learning_rate(value: float) -> None:
+        if lr_tensor is not None:
+            lr_tensor.fill_(value)
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = value
+
     steps_per_epoch = train_set.num_batches(batch_size)
     total_steps = steps_per_epoch * epochs
     print(f"{PROG}: {config['dataset']} ({len(train_set)} train / {len(test_set)} test) on {device} "
@@ -225,17 +263,18 @@ def train(config: dict, resumed: dict | None = None) -> dict:
             started = time.perf_counter()
             step = start_step
             for x, y in train_set.batches(batch_size, order=order, start=start_step):
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(config, epoch * steps_per_epoch + step, total_steps)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach().double() * y.shape[0]
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += y.shape[0]
+                set_learning_rate(learning_rate(config, epoch * steps_per_epoch + step, total_steps))
                 step += 1
+                if graphed is None:
+                    loss, batch_correct = train_step(model, optimizer, x, y)
+                elif y.shape[0] == batch_size:
+                    loss, batch_correct = graphed.step(x, y)
+                else:  # a CUDA graph has static shapes: the smaller last batch is dropped
+                    bar.update(1)
+                    continue
+                loss_sum += loss.double() * y.shape[0]
+                correct += batch_correct
+                seen += y.shape[0]
                 bar.update(1)
                 if not bar.disable and (step % 50 == 0 or step == steps_per_epoch):
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%")
