@@ -31,6 +31,34 @@ def make_fused_optimizer(params, name: str, lr: torch.Tensor, **kwargs) -> torch
     return torch.optim.SGD(params, lr=lr, fused=True, **kwargs)
 
 
+def snapshot_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """Copies of the parameters and optimizer state, for undoing warm-up steps."""
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in optimizer.state.items()}
+    return params, state
+
+
+@torch.no_grad()
+def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, snapshot) -> None:
+    """Undo the steps since `snapshot`, in place (a captured graph holds these very tensors).
+
+    Optimizer state that only the warm-up created returns to its initial value (zero
+    buffers, step 0), which gives the same next step as no state at all for SGD with
+    momentum (buffer = gradient on the first step) and for Adam.
+    """
+    params, state = snapshot
+    for p, saved in zip(model.parameters(), params):
+        p.copy_(saved)
+    for p, current in optimizer.state.items():
+        for key, value in current.items():
+            if not torch.is_tensor(value):
+                continue
+            if p in state and key in state[p]:
+                value.copy_(state[p][key])
+            else:
+                value.zero_()
+
+
 class GraphedTrainStep:
     """step(x, y) -> (loss, correct) with x, y of exactly `batch_size` rows.
 
@@ -57,30 +85,8 @@ class GraphedTrainStep:
         self.optimizer.step()
         return loss.detach(), (logits.detach().argmax(1) == self.static_y).sum()
 
-    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
-        params = [p.detach().clone() for p in self.model.parameters()]
-        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-                 for p, s in self.optimizer.state.items()}
-        return params, state
-
-    def _restore(self, snapshot) -> None:
-        params, state = snapshot
-        with torch.no_grad():
-            for p, saved in zip(self.model.parameters(), params):
-                p.copy_(saved)
-            # Restore in place (the graph will hold these very tensors); state created by
-            # the warm-up alone goes back to its initial value: zero buffers, step 0.
-            for p, current in self.optimizer.state.items():
-                for key, value in current.items():
-                    if not torch.is_tensor(value):
-                        continue
-                    if p in state and key in state[p]:
-                        value.copy_(state[p][key])
-                    else:
-                        value.zero_()
-
     def _warm_up(self, steps: int) -> None:
-        snapshot = self._snapshot()
+        snapshot = snapshot_training_state(self.model, self.optimizer)
         device = self.static_x.device
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if stream is not None:
@@ -91,7 +97,7 @@ class GraphedTrainStep:
                 self._eager_step()
         if stream is not None:
             torch.cuda.current_stream(device).wait_stream(stream)
-        self._restore(snapshot)
+        restore_training_state(self.model, self.optimizer, snapshot)
 
     def _capture(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
