@@ -244,3 +244,9 @@ def test_mnist_format_conversion_centres_the_ink():
     rows, cols = np.nonzero(frame > 0.5)
     assert abs(rows.mean() - 13.5) <= 1 and abs(cols.mean() - 13.5) <= 1
     assert rows.max() - rows.min() + 1 == 20  # longer side scaled to 20 pixels
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_graph_needs_cuda(dataset_root, tmp_path):
+    result = run_cli("train", "--device", "cpu", "--cuda-graph", "--data-dir", dataset_root, "--out", tmp_path)
+    assert result.returncode == 2 and "--cuda-graph needs a CUDA device" in result.stderr

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# One-shot GPU check: build, test, benchmark and train on a machine with an NVIDIA GPU.
+#
+#   benchmarks/gpu_check.sh OUT_DIR
+#
+# Needs: an NVIDIA GPU, python3 with torch>=2.11, triton>=3.6, torchvision, tqdm,
+# matplotlib, pillow, pytest, pytest-benchmark, ninja, and nvcc; no internet.
+# MNIST: $LENET_FAST_DATA (a torchvision root, e.g. a git-ignored data/ folder in the
+# repository); without it everything is still timed on random data, and the log says so.
+# Every stage has its own time limit so the whole check ends in under 8 minutes;
+# every log and result lands in OUT_DIR.  Without a GPU it stops at once with a reason.
+set -uo pipefail
+
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+started=$SECONDS
+status=0
+summary="$OUT/summary.txt"
+: > "$summary"
+
+say() { echo "$*" | tee -a "$summary"; }
+
+# stage NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log, record the outcome.
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    say "$(printf '%-22s rc=%-4s %4ss  (limit %ss)' "$name" "$rc" "$((SECONDS - t0))" "$limit")"
+    [ "$rc" -eq 0 ] || status=1
+    return "$rc"
+}
+
+# --- 0. is there a GPU? -------------------------------------------------------------
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2> "$OUT/no_gpu.log"; then
+    say "gpu_check: no usable CUDA GPU here (torch.cuda.is_available() is False); nothing to check."
+    nvidia-smi >> "$OUT/no_gpu.log" 2>&1 || true
+    exit 2
+fi
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+say "gpu_check: $("$PY" -c "import torch; print(torch.cuda.get_device_name())"), sm_${ARCH/./}, $(date -u +%FT%TZ)"
+
+if [ -n "${LENET_FAST_DATA:-}" ] && [ -f "$LENET_FAST_DATA/MNIST/raw/train-images-idx3-ubyte" ]; then
+    say "data: MNIST from LENET_FAST_DATA=$LENET_FAST_DATA"
+    HAVE_DATA=1
+else
+    say "data: no MNIST (set LENET_FAST_DATA); benchmarks time random data, training runs are skipped"
+    HAVE_DATA=0
+fi
+
+# --- 1. build the extension for this GPU --------------------------------------------
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
+    export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+fi
+export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-16}
+stage build 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || { say "build failed: see build.log"; exit 1; }
+stage backends 60 "$PY" -m lenet_fast
+cp "$OUT/backends.log" "$OUT/backends.txt" 2>/dev/null
+
+# --- 2. the test suite on CUDA (compiled Triton and CUDA kernels) -------------------
+export LENET_FAST_REQUIRE_BACKENDS=torch,triton,ext TRITON_INTERPRET=0
+stage tests 180 "$PY" -m pytest -q -x tests -p no:cacheprovider --junitxml="$OUT/tests.xml"
+
+# compute-sanitizer over one training step on each fast backend, where available
+if command -v compute-sanitizer > /dev/null; then
+    stage sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -c "
+import torch, torch.nn.functional as F, lenet_fast
+for backend in ('ext', 'triton'):
+    m = lenet_fast.LeNet(backend=backend).cuda()
+    x = torch.randn(64, 1, 28, 28, device='cuda'); y = torch.randint(0, 10, (64,), device='cuda')
+    F.cross_entropy(m(x), y).backward(); torch.cuda.synchronize(); print(backend, 'ok')
+"
+else
+    say "sanitizer: compute-sanitizer not found, skipped"
+fi
+
+# --- 3. benchmarks -------------------------------------------------------------------
+stage benchmark 240 "$PY" -m benchmarks.run --device cuda --quick --out "$OUT/bench"
+
+# --- 4. train to completion with the defaults on each backend ------------------------
+if [ "$HAVE_DATA" = 1 ]; then
+    for run in "triton" "ext" "torch" "triton --cuda-graph" "ext --cuda-graph"; do
+        name="train_${run// --/_}"
+        name=${name//-/_}
+        budget=$((470 - (SECONDS - started)))
+        if [ "$budget" -lt 30 ]; then say "$name: skipped, out of time"; status=1; continue; fi
+        stage "$name" "$budget" "$PY" -m lenet_fast.train --device cuda --backend $run --no-progress \
+            --no-download --out "$OUT/runs/$name"
+        cp "$OUT/runs/$name/metrics.json" "$OUT/${name}_metrics.json" 2>/dev/null
+    done
+fi
+
+say "gpu_check: done in $((SECONDS - started)) s, status $status"
+# One archive of everything, for machines that hand back only a few files.
+tar czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && say "archive: $OUT.tar.gz"
+exit $status

@@ -1,0 +1,66 @@
+"""The benchmark suite's machinery on tiny data (its numbers are measured by
+`python -m benchmarks.run`, never by tests), and the GPU check's refusal without a GPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import end_to_end, op_cases, run
+from helpers import write_synthetic_mnist
+from lenet_fast import data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_end_to_end_rows_and_reports(tmp_path):
+    write_synthetic_mnist(tmp_path, n_train=256, n_test=64)
+    train_set, test_set = data.load("mnist", tmp_path, download=False)
+    device = torch.device("cpu")
+    rows = [end_to_end.run(c, train_set, test_set, epochs=1, device=device, data_root=tmp_path)
+            for c in end_to_end.contenders(device, {"ext"} & set(run.fast_backends(device)))
+            if c.compile_mode is None]
+    names = [r["name"] for r in rows]
+    assert names[:2] == ["stock eager", "stock eager, seed DataLoader"]
+    for r in rows:
+        assert r["best_epoch_seconds"] > 0 and r["images_per_second"] > 0 and 0 <= r["test_accuracy"] <= 1
+        r["speedup_vs_stock_eager"] = rows[0]["best_epoch_seconds"] / r["best_epoch_seconds"]
+    result = {"date": "today", "command": "test", "fast_backends": [], "end_to_end": rows, "end_to_end_data": "synthetic",
+              "machine": {"device": "cpu", "device_name": "test cpu", "threads": 1, "versions": {"torch": "x", "triton": "y"}}}
+    run.write_markdown(result, tmp_path / "results.md")
+    run.plot(result, tmp_path / "speedup.png")
+    assert "| stock eager |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+    json.dumps(result)
+
+
+def test_same_seed_gives_stock_and_lenet_fast_torch_the_same_training():
+    """The benchmark's fairness rests on this: equal init and batches -> equal accuracy."""
+    g = torch.Generator().manual_seed(0)
+    split = data.DeviceData(torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g))
+    stock = end_to_end.run(end_to_end.Contender("stock eager"), split, split, epochs=1, device=torch.device("cpu"))
+    ours = end_to_end.run(end_to_end.Contender("lenet_fast torch", backend="torch"), split, split, epochs=1,
+                          device=torch.device("cpu"))
+    assert stock["test_accuracy"] == ours["test_accuracy"]
+
+
+def test_op_cases_cover_every_op_and_run():
+    assert {c.op for c in op_cases.CASES} == {"conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear"}
+    for case in op_cases.CASES:
+        inputs = case.make_inputs(2, torch.device("cpu"))
+        for runner in op_cases.runners(case.fused("torch"), inputs).values():
+            runner()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_gpu_check_refuses_clearly_without_a_gpu(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 2
+    assert "no usable CUDA GPU" in result.stdout
+    assert "no usable CUDA GPU" in (tmp_path / "out" / "summary.txt").read_text()
