@@ -108,7 +108,7 @@ def load_split(name: str, root: str | os.PathLike, *, train: bool, download: boo
             cls(str(root), train=train, download=True)
         except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... when offline
             raise DatasetNotFoundError(
-                _not_found_message(name, root, f"the download failed: {type(exc).__name__}: {exc}")
+                _not_found_message(name, root, f"the download failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
             ) from exc
     image_dims = check_idx_file(images_path, 3)
     label_dims = check_idx_file(labels_path, 1)
