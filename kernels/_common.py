@@ -31,13 +31,9 @@ from torch.library import wrap_triton
 #   lenet_fast.kernels._common.ALLOW_TF32 = True   (at run time).
 ALLOW_TF32 = os.environ.get("LENET_FAST_TRITON_TF32", "0") == "1"
 
-# Default warps per program.  Every tile below is at most 32x128 fp32, which
-# 4 warps hold without spilling (see `python -m lenet_fast.compile_check`).
+# Warps per program unless a config says otherwise.  Register use and spills
+# of every configuration LeNet launches: `python -m lenet_fast.compile_check`.
 NUM_WARPS = 4
-
-# An H100/H200 has 132 SMs; a launch with fewer programs than about twice that
-# leaves SMs idle, so block-size heuristics switch to smaller tiles below it.
-_ENOUGH_PROGRAMS = 264
 
 # Upper bound on the number of partial sums of a weight gradient: enough
 # programs to fill the GPU, few enough that summing the partials is trivial.
@@ -92,21 +88,27 @@ def pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def pixel_block(n_pix: int, other_programs: int, on_gpu: bool) -> int:
+def pixel_block(n_pix: int, on_gpu: bool) -> int:
     """Pixels per program for a conv-like kernel.
 
-    GPU: 128 when that still gives enough programs to fill the GPU (large
-    batches), else 64.  CPU, i.e. the Triton interpreter, pays mostly per
-    program and per op (Python overhead), hardly per element, so it gets about
-    4 programs along the pixel axis, with blocks of 64 to 4096: small test
-    shapes still run several programs (block edges, blocks spanning images)
-    and LeNet's batch-64 layers take a fraction of a second instead of tens.
+    GPU: 64, which keeps the gathered tiles in registers and still gives
+    thousands of programs at LeNet's batch 1024 and ~170 at batch 64.  CPU,
+    i.e. the Triton interpreter, pays mostly per program and per op (Python
+    overhead), hardly per element, so it gets about 4 programs along the pixel
+    axis, with blocks of 64 to 4096: small test shapes still run several
+    programs (block edges, blocks spanning images) and LeNet's batch-64 layers
+    take a fraction of a second instead of tens.
     """
     if not on_gpu:
         return pow2_clamp(triton.cdiv(n_pix, 4), 64, 4096)
-    if triton.cdiv(n_pix, 128) * other_programs >= _ENOUGH_PROGRAMS:
-        return 128
     return 64
+
+
+def taps_block(C: int, on_gpu: bool) -> int:
+    """im2col rows (channel*9 + tap) per tl.dot step.  GPU: 16, the smallest
+    tl.dot depth, because each row is a gathered [BLOCK_P] vector of 64-bit
+    addresses; CPU: up to 64, so LeNet's 9 and 54 rows take one step."""
+    return 16 if on_gpu else pow2_clamp(C * 9, 16, 64)
 
 
 def reduction_split(n_blocks: int) -> tuple[int, int]:
@@ -123,36 +125,47 @@ def reduction_split(n_blocks: int) -> tuple[int, int]:
 
 # Block sizes of the 3x3-convolution kernels (plain and pooled share them).
 # BLOCK_CO/BLOCK_CI: output/input channels per program (or per tl.dot step of
-# the input gradient), BLOCK_P: pixels per program, BLOCK_J: im2col rows
-# (ci*9 + kh*3 + kw) per tl.dot step.  LeNet's Cin*9 of 9 and 54 fit one
-# BLOCK_J step; larger layers loop.
+# the input gradient), BLOCK_P: pixels per program, BLOCK_J: im2col rows per
+# tl.dot step.  Channel blocks are 16 or 32 (tl.dot's minimum is 16; LeNet
+# has 6 and 16 channels; wider layers get several channel blocks).
 
 
 def conv_forward_config(n_pix: int, C_in: int, C_out: int, on_gpu: bool = True) -> dict:
-    block_co = pow2_clamp(C_out, 16, 32)
     return {
-        "BLOCK_CO": block_co,
-        "BLOCK_P": pixel_block(n_pix, triton.cdiv(C_out, block_co), on_gpu),
-        "BLOCK_J": pow2_clamp(C_in * 9, 16, 64),
+        "BLOCK_CO": pow2_clamp(C_out, 16, 32),
+        "BLOCK_P": pixel_block(n_pix, on_gpu),
+        "BLOCK_J": taps_block(C_in, on_gpu),
+        "num_warps": NUM_WARPS,
+        # The tap loop runs 1 (conv1) or 4 (conv2) times: one gather in
+        # flight is enough, and a third stage costs registers (fused conv2 on
+        # sm_80: 237 with 3 stages, 154 with 2).
+        "num_stages": 2,
     }
 
 
 def conv_weight_grad_config(n_pix: int, C_in: int, C_out: int, on_gpu: bool = True) -> dict:
     # The pixel axis is the reduction here; on the GPU its parallelism comes
-    # from reduction_split, so the block stays at 64.
+    # from reduction_split.
     return {
         "BLOCK_CO": pow2_clamp(C_out, 16, 32),
-        "BLOCK_P": 64 if on_gpu else pixel_block(n_pix, 1, on_gpu),
-        "BLOCK_J": pow2_clamp(C_in * 9, 16, 64),
+        "BLOCK_P": pixel_block(n_pix, on_gpu),
+        "BLOCK_J": taps_block(C_in, on_gpu),
+        # Eight warps halve the per-thread share of the gathered tiles; the
+        # pooled variant needs ~200 registers per thread with four.
+        "num_warps": 8,
     }
 
 
 def conv_input_grad_config(n_pix: int, C_in: int, C_out: int, on_gpu: bool = True) -> dict:
-    block_ci = pow2_clamp(C_in, 16, 32)
     return {
-        "BLOCK_CI": block_ci,
-        "BLOCK_P": pixel_block(n_pix, triton.cdiv(C_in, block_ci), on_gpu),
+        "BLOCK_CI": pow2_clamp(C_in, 16, 32),
+        "BLOCK_P": pixel_block(n_pix, on_gpu),
         "BLOCK_CO": pow2_clamp(C_out, 16, 32),
+        "num_warps": NUM_WARPS,
+        # The loop over output-channel blocks runs once for LeNet (16
+        # channels): software pipelining it buys nothing and more than
+        # doubles the registers (188 -> 78 on sm_90 without it).
+        "num_stages": 1,
     }
 
 

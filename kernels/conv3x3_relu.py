@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    NUM_WARPS,
     launch,
     conv_forward_config,
     conv_input_grad_config,
@@ -61,7 +60,8 @@ def conv3x3_relu_fwd_kernel(
     tl.store(out_ptr + out_offs, relu(acc), mask=valid_co[:, None] & valid_p[None, :])
 
 
-@triton.jit
+# blocks_per_prog is often 1; specialising on it would only add a compiled variant.
+@triton.jit(do_not_specialize=["blocks_per_prog"])
 def conv3x3_relu_bwd_weight_kernel(
     x_ptr, grad_ptr, out_ptr, gw_part_ptr, gb_part_ptr,
     n_pix, C_in, H, W, C_out, OH, OW, blocks_per_prog,
@@ -169,7 +169,7 @@ def conv3x3_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         conv3x3_relu_fwd_kernel, grid,
         x, weight, bias.contiguous() if bias is not None else weight, out,
         n_pix, C_in, H, W, C_out, OH, OW,
-        PAD=padding, HAS_BIAS=bias is not None, PRECISION=dot_precision(), num_warps=NUM_WARPS, **cfg,
+        PAD=padding, HAS_BIAS=bias is not None, PRECISION=dot_precision(), **cfg,
     )
     return out
 
@@ -193,7 +193,7 @@ def conv3x3_relu_backward_params(grad: torch.Tensor, out: torch.Tensor, x: torch
         conv3x3_relu_bwd_weight_kernel, grid,
         x, grad, out, gw_part, gb_part,
         n_pix, C_in, H, W, C_out, OH, OW, per_split,
-        PAD=padding, PRECISION=dot_precision(), num_warps=NUM_WARPS, **cfg,
+        PAD=padding, PRECISION=dot_precision(), **cfg,
     )
     # Summing over a fixed axis of a fixed-size buffer: deterministic.
     return gw_part.sum(0).view(C_out, C_in, 3, 3).to(x.dtype), gb_part.sum(0).to(x.dtype)
@@ -216,7 +216,7 @@ def conv3x3_relu_backward_input(grad: torch.Tensor, out: torch.Tensor, weight: t
         conv3x3_relu_bwd_input_kernel, grid,
         grad, out, weight, gx,
         n_pix, C_in, H, W, C_out, OH, OW,
-        PAD=padding, PRECISION=dot_precision(), num_warps=NUM_WARPS, **cfg,
+        PAD=padding, PRECISION=dot_precision(), **cfg,
     )
     return gx
 

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    NUM_WARPS,
     launch,
     conv_forward_config,
     conv_input_grad_config,
@@ -93,7 +92,8 @@ def conv3x3_relu_maxpool2x2_fwd_kernel(
     tl.store(idx_ptr + offs, pos.to(tl.int8), mask=mask)
 
 
-@triton.jit
+# blocks_per_prog is often 1; specialising on it would only add a compiled variant.
+@triton.jit(do_not_specialize=["blocks_per_prog"])
 def conv3x3_relu_maxpool2x2_bwd_weight_kernel(
     x_ptr, grad_ptr, out_ptr, idx_ptr, gw_part_ptr, gb_part_ptr,
     n_pix, C_in, H, W, C_out, PH, PW, blocks_per_prog,
@@ -214,7 +214,7 @@ def conv3x3_relu_maxpool2x2_forward(x: torch.Tensor, weight: torch.Tensor, bias:
         conv3x3_relu_maxpool2x2_fwd_kernel, grid,
         x, weight, bias.contiguous() if bias is not None else weight, out, idx,
         n_pix, C_in, H, W, C_out, PH, PW,
-        PAD=padding, HAS_BIAS=bias is not None, PRECISION=dot_precision(), num_warps=NUM_WARPS, **cfg,
+        PAD=padding, HAS_BIAS=bias is not None, PRECISION=dot_precision(), **cfg,
     )
     return out, idx
 
@@ -238,7 +238,7 @@ def conv3x3_relu_maxpool2x2_backward_params(grad: torch.Tensor, out: torch.Tenso
         conv3x3_relu_maxpool2x2_bwd_weight_kernel, grid,
         x, grad, out, idx, gw_part, gb_part,
         n_pix, C_in, H, W, C_out, PH, PW, per_split,
-        PAD=padding, PRECISION=dot_precision(), num_warps=NUM_WARPS, **cfg,
+        PAD=padding, PRECISION=dot_precision(), **cfg,
     )
     # Summing over a fixed axis of a fixed-size buffer: deterministic.
     return gw_part.sum(0).view(C_out, C_in, 3, 3).to(x.dtype), gb_part.sum(0).to(x.dtype)
@@ -261,6 +261,6 @@ def conv3x3_relu_maxpool2x2_backward_input(grad: torch.Tensor, out: torch.Tensor
         conv3x3_relu_maxpool2x2_bwd_input_kernel, grid,
         grad, out, idx, weight, gx,
         n_pix, C_in, H, W, C_out, PH, PW,
-        PAD=padding, PRECISION=dot_precision(), num_warps=NUM_WARPS, **cfg,
+        PAD=padding, PRECISION=dot_precision(), **cfg,
     )
     return gx

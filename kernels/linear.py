@@ -117,8 +117,9 @@ def linear_config(M: int, N: int, K: int, on_gpu: bool = True) -> dict:
     (CPU) gets whole-batch tiles: it pays per program, not per element.
     """
     if on_gpu:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
-    return {"BLOCK_M": pow2_clamp(M, 16, 1024), "BLOCK_N": pow2_clamp(N, 16, 128), "BLOCK_K": pow2_clamp(K, 16, 128)}
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": NUM_WARPS}
+    return {"BLOCK_M": pow2_clamp(M, 16, 1024), "BLOCK_N": pow2_clamp(N, 16, 128), "BLOCK_K": pow2_clamp(K, 16, 128),
+            "num_warps": NUM_WARPS}
 
 
 # --------------------------------------------------------------------------- launch wrappers
@@ -137,7 +138,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     launch(
         linear_fwd_kernel, grid,
         x, weight, bias.contiguous() if bias is not None else weight, y, M, N, K,
-        HAS_BIAS=bias is not None, RELU=relu, PRECISION=dot_precision(), num_warps=NUM_WARPS, **cfg,
+        HAS_BIAS=bias is not None, RELU=relu, PRECISION=dot_precision(), **cfg,
     )
     return y
 
@@ -155,7 +156,7 @@ def linear_backward_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Ten
     launch(
         linear_bwd_input_kernel, grid,
         grad, y, weight, gx, M, N, K,
-        RELU=relu, PRECISION=dot_precision(), num_warps=NUM_WARPS, **cfg,
+        RELU=relu, PRECISION=dot_precision(), **cfg,
     )
     return gx
 
@@ -176,6 +177,6 @@ def linear_backward_params(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
     launch(
         linear_bwd_weight_kernel, grid,
         grad, y, x, gw, gb, M, N, K,
-        RELU=relu, PRECISION=dot_precision(), num_warps=NUM_WARPS, **cfg,
+        RELU=relu, PRECISION=dot_precision(), **cfg,
     )
     return gw, gb
