@@ -1,0 +1,382 @@
+"""Compile every Triton kernel LeNet launches for sm_80 and sm_90 and report its resources.
+
+    python -m lenet_fast.compile_check [--batch 64 1024] [--arch 80 90] [--json PATH]
+
+No GPU is needed.  The launch wrappers of `lenet_fast.kernels` run on fake
+CUDA tensors inside `recording_launches()`, following a LeNet training step
+(forward and backward of every layer, at each batch size), so the recorded
+launches carry exactly the block sizes, constexprs and argument
+specialisations the real run would use.  Each distinct launch is compiled
+ahead of time with `triton.compile` for every architecture, and the cubin's
+resource usage is read with the `cuobjdump` that ships with Triton.  Kernels
+that LeNet does not call (the unfused conv3x3_relu and maxpool2x2) are
+compiled for the same layer shapes, as if the model used them.  No kernel is
+autotuned, so there are no autotune configurations to add.
+
+Rows of the C++/CUDA extension are included when `lenet_fast.ext_resources`
+exists and reports them; otherwise the reason is printed.
+
+Exit status: 0 when everything compiled, nothing spills (LOCAL or STACK > 0)
+and the shared memory fits the architecture; 1 otherwise.  `--json PATH`
+writes {"rows": [...], "failures": [...], "ext": "<status>"}; each row has
+kernel, config, arch, registers, shared, local, stack, source (and used_by
+for Triton rows).
+
+Triton compiles nothing under TRITON_INTERPRET=1 (its kernels become Python
+functions), so when that is set this tool re-runs itself in a child process
+with the variable removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ARCHS = (80, 90)
+BATCHES = (64, 1024)
+
+# Largest dynamic shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+_TRITON_DTYPE = {
+    "torch.float32": "fp32",
+    "torch.float16": "fp16",
+    "torch.bfloat16": "bf16",
+    "torch.int8": "i8",
+    "torch.int32": "i32",
+    "torch.int64": "i64",
+}
+
+# Launch options, not kernel parameters.
+_OPTION_NAMES = ("num_warps", "num_stages", "num_ctas")
+
+
+# --------------------------------------------------------------------------- what LeNet launches
+
+
+def lenet_launches(batch: int) -> list:
+    """Every kernel launch of one LeNet training step at `batch`, recorded on fake CUDA tensors.
+
+    Each entry is (what, Launch), `what` naming the layer and pass.  Mirrors
+    lenet_fast.model.LeNet.forward and its backward: the first layer computes
+    no input gradient (the images need none), every other layer does.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lenet_fast.kernels import _common
+    from lenet_fast.kernels.conv3x3_relu import (
+        conv3x3_relu_backward_input,
+        conv3x3_relu_backward_params,
+        conv3x3_relu_forward,
+    )
+    from lenet_fast.kernels.conv3x3_relu_maxpool2x2 import (
+        conv3x3_relu_maxpool2x2_backward_input,
+        conv3x3_relu_maxpool2x2_backward_params,
+        conv3x3_relu_maxpool2x2_forward,
+    )
+    from lenet_fast.kernels.linear import linear_backward_input, linear_backward_params, linear_forward
+    from lenet_fast.kernels.maxpool2x2 import maxpool2x2_backward, maxpool2x2_forward
+    from lenet_fast.model import IMAGE_SHAPE, TorchLeNet
+
+    layers = TorchLeNet()  # only for the layer shapes
+    convs = [layers.conv1, layers.conv2]
+    fcs = [layers.fc1, layers.fc2, layers.fc3]
+    recorded = []
+
+    def record(what, fn, *args):
+        with _common.recording_launches() as launches:
+            result = fn(*args)
+        recorded.extend((what, launch) for launch in launches)
+        return result
+
+    with FakeTensorMode():
+        def like(param):
+            return torch.empty(param.shape, device="cuda")
+
+        # The fused path: what LeNet runs.
+        x = torch.empty((batch, *IMAGE_SHAPE), device="cuda")
+        for i, conv in enumerate(convs):
+            name, (w, b), pad = f"conv{i + 1}", (like(conv.weight), like(conv.bias)), conv.padding[0]
+            out, idx = record(f"{name} fwd", conv3x3_relu_maxpool2x2_forward, x, w, b, pad)
+            grad = torch.empty_like(out)
+            record(f"{name} bwd", conv3x3_relu_maxpool2x2_backward_params, grad, out, idx, x, pad)
+            if i > 0:
+                record(f"{name} bwd", conv3x3_relu_maxpool2x2_backward_input, grad, out, idx, w, *x.shape[-2:], pad)
+            x = out
+        x = x.flatten(1)
+        for i, fc in enumerate(fcs):
+            name, (w, b), relu = f"fc{i + 1}", (like(fc.weight), like(fc.bias)), i < len(fcs) - 1
+            y = record(f"{name} fwd", linear_forward, x, w, b, relu)
+            grad = torch.empty_like(y)
+            record(f"{name} bwd", linear_backward_input, grad, y, w, relu)
+            record(f"{name} bwd", linear_backward_params, grad, y, x, relu)
+            x = y
+
+        # The unfused kernels, at the same layer shapes.
+        x = torch.empty((batch, *IMAGE_SHAPE), device="cuda")
+        for i, conv in enumerate(convs):
+            name, (w, b), pad = f"conv{i + 1}", (like(conv.weight), like(conv.bias)), conv.padding[0]
+            y = record(f"{name} fwd (unfused)", conv3x3_relu_forward, x, w, b, pad)
+            grad = torch.empty_like(y)
+            record(f"{name} bwd (unfused)", conv3x3_relu_backward_params, grad, y, x, pad)
+            if i > 0:
+                record(f"{name} bwd (unfused)", conv3x3_relu_backward_input, grad, y, w, pad)
+            out, idx = record(f"pool{i + 1} fwd (unfused)", maxpool2x2_forward, y)
+            record(f"pool{i + 1} bwd (unfused)", maxpool2x2_backward, torch.empty_like(out), idx, *y.shape[-2:])
+            x = out
+    return recorded
+
+
+# --------------------------------------------------------------------------- one launch -> one compilation
+
+
+def _specialize(value, specialize: bool = True) -> tuple[str, bool]:
+    """(Triton type, divisible by 16) of a runtime argument, as the JIT specialises it.
+
+    Tensors become typed pointers; torch's allocator aligns to at least 16
+    bytes, and every tensor the wrappers pass is a fresh allocation or a
+    contiguous copy.  An integer equal to 1 becomes a constexpr ("constexpr")
+    and a multiple of 16 is marked divisible, unless the kernel opted out
+    with do_not_specialize.
+    """
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_DTYPE[str(value.dtype)], True
+    if isinstance(value, bool):
+        return "i1", False
+    if isinstance(value, int):
+        if specialize and value == 1:
+            return "constexpr", False
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), specialize and value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"cannot specialise a kernel argument of type {type(value).__name__}")
+
+
+def compilation_key(launch) -> tuple:
+    """(kernel name, signature, constexprs, divisible args, options): what decides the binary."""
+    kernel = launch.kernel
+    names = list(kernel.arg_names)
+    values = dict(zip(names, launch.args))
+    values.update({k: v for k, v in launch.kwargs.items() if k not in _OPTION_NAMES})
+    signature, constexprs, divisible = {}, {}, []
+    for param, name in zip(kernel.params, names):
+        value = values[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        ty, div16 = _specialize(value, specialize=not param.do_not_specialize)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = value
+        elif div16:
+            divisible.append(name)
+    options = tuple((k, launch.kwargs[k]) for k in _OPTION_NAMES if k in launch.kwargs)
+    return (kernel.__name__, tuple(signature.items()), tuple(constexprs.items()), tuple(divisible), options)
+
+
+def describe(key: tuple) -> str:
+    """A short config string: the constexprs (declared ones and integers the
+    JIT specialised because they equal 1), then the launch options."""
+    _, _, constexprs, _, options = key
+    return " ".join(f"{k}={v}" for k, v in (*constexprs, *options))
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(bundled):
+        return bundled
+    found = shutil.which("cuobjdump")
+    if found is None:
+        raise RuntimeError("cuobjdump not found (neither bundled with Triton nor on PATH)")
+    return found
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG, STACK, SHARED (static), LOCAL of the single function in `cubin`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    if not {"REG", "STACK", "SHARED", "LOCAL"} <= fields.keys():
+        raise RuntimeError(f"unexpected cuobjdump output:\n{text}")
+    return {k: int(v) for k, v in fields.items()}
+
+
+def compile_one(kernel, key: tuple, arch: int) -> dict:
+    """Compile one launch configuration for sm_`arch`; returns a row."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    name, signature, constexprs, divisible, options = key
+    target = GPUTarget("cuda", arch, 32)
+    names = list(kernel.arg_names)
+    backend = make_backend(target)
+    # The JIT marks 16-divisible pointers and integers so loads can be vectorised.
+    divisibility = backend.parse_attr("D") if hasattr(backend, "parse_attr") else [["tt.divisibility", 16]]
+    attrs = {(names.index(n),): divisibility for n in divisible}
+    src = ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs), attrs=attrs)
+    compiled = triton.compile(src, target=target, options=dict(options))
+    usage = resource_usage(compiled.asm["cubin"])
+    return {
+        "kernel": name,
+        "config": describe(key),
+        "arch": f"sm_{arch}",
+        "registers": usage["REG"],
+        # Triton kernels use dynamic shared memory (metadata.shared); the cubin
+        # reports only the static part.
+        "shared": usage["SHARED"] + int(getattr(compiled.metadata, "shared", 0) or 0),
+        "local": usage["LOCAL"],
+        "stack": usage["STACK"],
+        "source": "triton",
+    }
+
+
+# --------------------------------------------------------------------------- the C++/CUDA extension
+
+
+def ext_rows() -> tuple[list[dict], str]:
+    """(rows, status) from lenet_fast.ext_resources, or ([], reason) when it has none."""
+    try:
+        from lenet_fast import ext_resources
+    except ImportError as exc:
+        return [], f"not included: lenet_fast.ext_resources cannot be imported ({exc})"
+    try:
+        rows = ext_resources.cuda_resource_usage()
+    except RuntimeError as exc:
+        return [], f"not included: {exc}"
+    normalised = []
+    for row in rows:
+        row = dict(row)
+        arch = row.get("arch")
+        if isinstance(arch, int) or (isinstance(arch, str) and arch.isdigit()):
+            row["arch"] = f"sm_{arch}"
+        row["source"] = "ext"
+        normalised.append(row)
+    return normalised, f"included ({len(normalised)} rows)"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def problems(row: dict) -> list[str]:
+    """Why a row fails the check (empty when it passes)."""
+    why = []
+    if int(row.get("local") or 0) > 0 or int(row.get("stack") or 0) > 0:
+        why.append(f"spills (local {row.get('local')} B, stack {row.get('stack')} B)")
+    arch = str(row.get("arch", ""))
+    limit = SHARED_LIMIT.get(int(arch[3:])) if arch.startswith("sm_") and arch[3:].isdigit() else None
+    if limit is not None and int(row.get("shared") or 0) > limit:
+        why.append(f"shared memory {row.get('shared')} B exceeds the {arch} limit of {limit} B")
+    return why
+
+
+def print_table(rows: list[dict]) -> None:
+    headers = ("source", "kernel", "config", "arch", "registers", "shared", "local", "stack", "used by")
+    table = [[str(r.get("source", "")), str(r.get("kernel", "")), str(r.get("config", "")), str(r.get("arch", "")),
+              str(r.get("registers", "")), str(r.get("shared", "")), str(r.get("local", "")),
+              str(r.get("stack", "")), ", ".join(r.get("used_by", []))] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
+    for line in (headers, ["-" * w for w in widths], *table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+_jobs: list = []  # (kernel, key, arch, used_by), shared with forked workers
+
+
+def _compile_job(i: int) -> tuple[dict | None, str | None]:
+    kernel, key, arch, used_by = _jobs[i]
+    try:
+        row = compile_one(kernel, key, arch)
+    except Exception as exc:  # a failed compilation is a result to report, not a crash
+        lines = str(exc).strip().splitlines()
+        return None, (f"{key[0]} [{describe(key)}] sm_{arch}: compilation failed: "
+                      f"{type(exc).__name__}: {lines[-1] if lines else ''}")
+    row["used_by"] = used_by
+    return row, None
+
+
+def _compile_all(jobs: list, workers: int) -> list:
+    """Compile every job, in `workers` forked processes (compilation is CPU-bound
+    and single-threaded); results come back in job order."""
+    global _jobs
+    _jobs = jobs
+    if workers <= 1 or len(jobs) <= 1:
+        return [_compile_job(i) for i in range(len(jobs))]
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_compile_job, range(len(jobs))))
+
+
+def run(batches, archs, json_path: str | None, only: str | None = None, workers: int = 1) -> int:
+    distinct = {}  # key -> (kernel, [where used])
+    for batch in batches:
+        for what, launch in lenet_launches(batch):
+            if only and only not in launch.kernel.__name__:
+                continue
+            key = compilation_key(launch)
+            distinct.setdefault(key, (launch.kernel, []))[1].append(f"{what} @{batch}")
+
+    jobs = [(kernel, key, arch, sorted(set(used_by)))
+            for key, (kernel, used_by) in sorted(distinct.items(), key=lambda item: (item[0][0], describe(item[0])))
+            for arch in archs]
+    rows, failures = [], []
+    for row, error in _compile_all(jobs, workers):
+        if error is not None:
+            failures.append(error)
+        else:
+            rows.append(row)
+
+    extra, ext_status = ext_rows()
+    rows.extend(extra)
+    for row in rows:
+        for why in problems(row):
+            failures.append(f"{row.get('source')} {row.get('kernel')} [{row.get('config')}] {row.get('arch')}: {why}")
+
+    print_table(rows)
+    print(f"\n{len(distinct)} Triton kernel configurations x {len(archs)} architectures; "
+          f"C++/CUDA extension: {ext_status}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"rows": rows, "failures": failures, "ext": ext_status}, f, indent=1)
+    if failures:
+        print("\nFAILED:", *failures, sep="\n  ")
+        return 1
+    print("OK: everything compiled, no spills")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lenet_fast.compile_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES), help="batch sizes (default: 64 1024)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (default: 80 90)")
+    parser.add_argument("--kernel", metavar="TEXT", help="only kernels whose name contains TEXT")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="parallel compilations (default: the number of CPUs)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and failures as JSON")
+    args = parser.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "lenet_fast.compile_check", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(cmd, env=env).returncode
+    return run(args.batch, args.arch, args.json, args.kernel, args.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
