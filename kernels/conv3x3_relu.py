@@ -2,13 +2,14 @@
 
 The convolution is an implicit GEMM: out[co, p] = W[co, j] @ X[j, p] where
 j = ci*9 + kh*3 + kw runs over the Cin*9 taps and X is the im2col matrix, which
-is gathered tile by tile from x and never materialised.  The backward pass
-uses the same shape of GEMM twice:
+is gathered tile by tile from x and never materialised.  The backward pass is
+two more GEMMs on tl.dot:
 
-    grad_weight[co, j] = sum_p  gm[co, p] * X[j, p]           (reduced over the batch)
-    grad_input[ci, q]  = sum_{co,kh,kw} W[co, ci, kh, kw] * gm[co, q - (kh, kw) + pad]
+    grad_weight[co, j] = sum_p  gm[co, p] * X[j, p]      (over the whole batch)
+    grad_input[ci, q]  = sum_{kh,kw} sum_co W[co, ci, kh, kw] * gm[co, q - (kh, kw) + pad]
 
-with gm = grad_out where out > 0 (torch's ReLU mask, taken from the saved output).
+where gm is grad_out zeroed where out <= 0 (torch's ReLU backward, from the
+saved output).  grad_bias is the row sum of gm, taken in the weight kernel.
 """
 
 import torch
@@ -16,12 +17,12 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    launch,
     conv_forward_config,
     conv_input_grad_config,
     conv_weight_grad_config,
     dot_precision,
     im2col_3x3,
+    launch,
     reduction_split,
     relu,
     relu_grad,

@@ -22,12 +22,12 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    launch,
     conv_forward_config,
     conv_input_grad_config,
     conv_weight_grad_config,
     dot_precision,
     im2col_3x3,
+    launch,
     pool_update,
     reduction_split,
     relu,

@@ -250,16 +250,22 @@ def compile_one(kernel, key: tuple, arch: int) -> dict:
 # --------------------------------------------------------------------------- the C++/CUDA extension
 
 
-def ext_rows() -> tuple[list[dict], str]:
-    """(rows, status) from lenet_fast.ext_resources, or ([], reason) when it has none."""
+def ext_rows() -> tuple[list[dict], str, bool]:
+    """(rows, status, ok) from lenet_fast.ext_resources.
+
+    No module, or a RuntimeError from it (its way of saying the build has no
+    CUDA kernels), is a reason to report, not a failure; any other error is.
+    """
     try:
         from lenet_fast import ext_resources
     except ImportError as exc:
-        return [], f"not included: lenet_fast.ext_resources cannot be imported ({exc})"
+        return [], f"not included: lenet_fast.ext_resources cannot be imported ({exc})", True
     try:
         rows = ext_resources.cuda_resource_usage()
     except RuntimeError as exc:
-        return [], f"not included: {exc}"
+        return [], f"not included: {exc}", True
+    except Exception as exc:
+        return [], f"cuda_resource_usage() failed: {type(exc).__name__}: {exc}", False
     normalised = []
     for row in rows:
         row = dict(row)
@@ -268,7 +274,7 @@ def ext_rows() -> tuple[list[dict], str]:
             row["arch"] = f"sm_{arch}"
         row["source"] = "ext"
         normalised.append(row)
-    return normalised, f"included ({len(normalised)} rows)"
+    return normalised, f"included ({len(normalised)} rows)", True
 
 
 # --------------------------------------------------------------------------- report
@@ -342,7 +348,11 @@ def run(batches, archs, json_path: str | None, only: str | None = None, workers:
         else:
             rows.append(row)
 
-    extra, ext_status = ext_rows()
+    if not jobs:
+        failures.append("no kernel launch matched: nothing was compiled")
+    extra, ext_status, ext_ok = ext_rows()
+    if not ext_ok:
+        failures.append(f"C++/CUDA extension: {ext_status}")
     rows.extend(extra)
     for row in rows:
         for why in problems(row):
@@ -364,7 +374,8 @@ def run(batches, archs, json_path: str | None, only: str | None = None, workers:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lenet_fast.compile_check", description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES), help="batch sizes (default: 64 1024)")
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (default: 80 90)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
+                        help="compute capabilities (default: 80 90)")
     parser.add_argument("--kernel", metavar="TEXT", help="only kernels whose name contains TEXT")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="parallel compilations (default: the number of CPUs)")
