@@ -1,0 +1,131 @@
+// conv3x3 + bias + ReLU + max-pool 2x2 in one pass: torch-facing wrappers and CPU kernels.
+//
+// Forward writes only the pooled output and a uint8 winner code per pooled
+// element (index_math.h: 0..3 = row-major position in the window, kPoolMasked
+// when ReLU blocks the gradient).  Backward scatters the pooled gradient through
+// those codes into a per-image (thread-local) conv-gradient tile and computes
+// grad_input, grad_weight and grad_bias from it in the same pass.
+#include "common.h"
+#include "cpu_conv.h"
+#include "ops.h"
+
+namespace lenet_fast {
+
+std::tuple<at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_fwd(const at::Tensor& x_, const at::Tensor& w_,
+                                                               const std::optional<at::Tensor>& b_, int64_t pad) {
+  const ConvArgs a = conv_args(x_, w_, b_, pad);
+  const int64_t Hp = pool2x2_out_size(a.Ho), Wp = pool2x2_out_size(a.Wo);
+  TORCH_CHECK(Hp >= 1 && Wp >= 1, "lenet_fast ext: conv output ", a.Ho, "x", a.Wo, " is smaller than the 2x2 pool");
+  at::Tensor out = at::empty({a.N, a.Cout, Hp, Wp}, a.x.options());
+  at::Tensor idx = at::empty({a.N, a.Cout, Hp, Wp}, a.x.options().dtype(at::kByte));
+  if (a.N == 0) return {out, idx};
+  require_cuda_build(a.x);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "ext_conv3x3_relu_maxpool2x2", [&] {
+    const scalar_t* b = ptr_or_null<scalar_t>(a.b);
+#ifdef LENET_FAST_WITH_CUDA
+    if (a.x.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(a.x.device());
+      cuda::launch_conv_relu_pool_fwd<scalar_t>(a.x.const_data_ptr<scalar_t>(), a.w.const_data_ptr<scalar_t>(), b,
+                                      out.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<uint8_t>(),
+                                      {a.N, a.Cin, a.H, a.W, a.Cout, static_cast<int>(pad)}, LF_CUDA_STREAM());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+#endif
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    uint8_t* id = idx.mutable_data_ptr<uint8_t>();
+    const int64_t Cout = a.Cout;
+    cpu::conv_forward<scalar_t>(
+        a.x.const_data_ptr<scalar_t>(), a.w.const_data_ptr<scalar_t>(), b, {a.N, a.Cin, a.Cout, a.H, a.W, pad},
+        [&](int64_t n, int64_t co0, int64_t nc, scalar_t* ob, int64_t M, int64_t S) {
+          for (int64_t c = 0; c < nc; ++c) {
+            const int64_t base = (n * Cout + co0 + c) * Hp * Wp;
+            scalar_t* p = ob + c * M;  // this thread's conv tile: ReLU in place, then pool
+            cpu::relu_inplace(p, 2 * Hp * S);
+            for (int64_t py = 0; py < Hp; ++py)
+              cpu::pool_row<scalar_t, true>(p + 2 * py * S, p + (2 * py + 1) * S, o + base + py * Wp, id + base + py * Wp,
+                                            Wp);
+          }
+        });
+  });
+  return {out, idx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_bwd(const at::Tensor& g_, const at::Tensor& idx_,
+                                                                           const at::Tensor& x_, const at::Tensor& w_,
+                                                                           int64_t pad, bool input_grad,
+                                                                           bool weight_grad) {
+  const ConvArgs a = conv_args(x_, w_, std::nullopt, pad);
+  const int64_t Hp = pool2x2_out_size(a.Ho), Wp = pool2x2_out_size(a.Wo);
+  TORCH_CHECK(g_.sizes() == idx_.sizes() && g_.dim() == 4 && g_.size(0) == a.N && g_.size(1) == a.Cout &&
+                  g_.size(2) == Hp && g_.size(3) == Wp,
+              "lenet_fast ext: grad_out ", g_.sizes(), " / idx ", idx_.sizes(), " do not match the pooled output");
+  TORCH_CHECK(idx_.scalar_type() == at::kByte, "lenet_fast ext: idx must be uint8");
+  check_same(a.x, g_, "grad_out");
+  const at::Tensor g = g_.contiguous();
+  const at::Tensor idx = idx_.contiguous();
+  at::Tensor gx = input_grad ? at::empty_like(a.x) : empty0(a.x);
+  at::Tensor gw = weight_grad ? at::empty_like(a.w) : empty0(a.x);
+  at::Tensor gb = weight_grad ? at::empty({a.Cout}, a.x.options()) : empty0(a.x);
+  require_cuda_build(a.x);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "ext_conv3x3_relu_maxpool2x2_backward", [&] {
+#ifdef LENET_FAST_WITH_CUDA
+    if (a.x.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(a.x.device());
+      const cuda::ConvDims d{a.N, a.Cin, a.H, a.W, a.Cout, static_cast<int>(pad)};
+      if (input_grad && a.N > 0) {
+        cuda::launch_conv_relu_pool_bwd_input<scalar_t>(g.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(),
+                                              a.w.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), d,
+                                              LF_CUDA_STREAM());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (weight_grad) {
+        const int64_t nchunks = ceil_div(a.N, cuda::kBatchChunkCuda);
+        at::Tensor partial = at::empty({std::max<int64_t>(nchunks, 1) * a.Cout * (a.Cin * 9 + 1)}, a.x.options());
+        if (nchunks > 0) {
+          cuda::launch_conv_relu_pool_bwd_weight_partial<scalar_t>(g.const_data_ptr<scalar_t>(),
+                                                         idx.const_data_ptr<uint8_t>(), a.x.const_data_ptr<scalar_t>(),
+                                                         partial.mutable_data_ptr<scalar_t>(), d, nchunks,
+                                                         LF_CUDA_STREAM());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        cuda::launch_reduce_partials<scalar_t>(partial.const_data_ptr<scalar_t>(), nchunks, a.Cout, a.Cin,
+                                               gw.mutable_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>(),
+                                               LF_CUDA_STREAM());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return;
+    }
+#endif
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const uint8_t* ip = idx.const_data_ptr<uint8_t>();
+    const int64_t Cout = a.Cout;
+    cpu::conv_backward<scalar_t>(
+        a.x.const_data_ptr<scalar_t>(), a.w.const_data_ptr<scalar_t>(),
+        input_grad ? gx.mutable_data_ptr<scalar_t>() : nullptr, weight_grad ? gw.mutable_data_ptr<scalar_t>() : nullptr,
+        weight_grad ? gb.mutable_data_ptr<scalar_t>() : nullptr, {a.N, a.Cin, a.Cout, a.H, a.W, pad},
+        [&](int64_t n, scalar_t* G, int64_t S, int64_t F, int64_t Q, scalar_t* gbias) {
+          for (int64_t co = 0; co < Cout; ++co) {
+            const int64_t base = (n * Cout + co) * Hp * Wp;
+            const scalar_t* gc = gp + base;
+            const uint8_t* ic = ip + base;
+            scalar_t* Gc = G + co * Q + F;
+            scalar_t bsum = scalar_t(0);
+            for (int64_t py = 0; py < Hp; ++py) {
+              scalar_t* row = Gc + 2 * py * S;
+              for (int64_t px = 0; px < Wp; ++px) {
+                // Branch-free: a masked window writes 0 at its first position.
+                const int code = ic[py * Wp + px];
+                const scalar_t v = code < kPoolMasked ? gc[py * Wp + px] : scalar_t(0);
+                row[pool_code_dy(code & 3) * S + 2 * px + pool_code_dx(code & 3)] = v;
+                bsum += v;
+              }
+            }
+            gbias[co] = bsum;
+          }
+        });
+  });
+  return {gx, gw, gb};
+}
+
+}  // namespace lenet_fast

@@ -1,0 +1,33 @@
+// The torch-facing kernels of the four ops (forward and backward), one function
+// per op serving both CPU and CUDA tensors; registered in register.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace lenet_fast {
+
+at::Tensor conv3x3_relu_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            int64_t padding);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_bwd(const at::Tensor& grad_out, const at::Tensor& out,
+                                                                const at::Tensor& x, const at::Tensor& weight,
+                                                                int64_t padding, bool input_grad, bool weight_grad);
+
+std::tuple<at::Tensor, at::Tensor> maxpool2x2_fwd(const at::Tensor& x);
+at::Tensor maxpool2x2_bwd(const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& x);
+
+std::tuple<at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                               const std::optional<at::Tensor>& bias, int64_t padding);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_bwd(const at::Tensor& grad_out,
+                                                                           const at::Tensor& idx, const at::Tensor& x,
+                                                                           const at::Tensor& weight, int64_t padding,
+                                                                           bool input_grad, bool weight_grad);
+
+at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool relu);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad_out, const at::Tensor& out,
+                                                          const at::Tensor& x, const at::Tensor& weight, bool relu,
+                                                          bool input_grad, bool weight_grad);
+
+}  // namespace lenet_fast

@@ -1,0 +1,221 @@
+// Operator registration of lenet_fast._C: schemas (TORCH_LIBRARY), CPU and CUDA
+// kernels (TORCH_LIBRARY_IMPL), C++ autograd (Autograd key) and the Python
+// module entry point.  The fake (meta) implementations are registered in Python
+// (lenet_fast/ext_backend.py, torch.library.register_fake); impl_abstract_pystub
+// tells torch to import that module when it needs them.
+#include <Python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace lenet_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+inline at::Tensor grad_or_undef(bool wanted, const at::Tensor& t) { return wanted ? t : at::Tensor(); }
+
+inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// needs_input_grad() counts only the tensor inputs that were given, so an absent
+// bias has no slot: (x, weight[, bias]).
+struct NeedGrads {
+  bool x, w, b;
+};
+inline NeedGrads need_grads(AutogradContext* ctx) {
+  const bool has_b = ctx->saved_data["has_bias"].toBool();
+  return {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_b && ctx->needs_input_grad(2)};
+}
+
+// --- conv3x3 + bias + ReLU ------------------------------------------------------
+struct ConvReluFn : public torch::autograd::Function<ConvReluFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const std::optional<at::Tensor>& b, int64_t pad) {
+    static const auto op = op_handle<decltype(conv3x3_relu_fwd)>("lenet_fast::ext_conv3x3_relu");
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(x, w, b, pad);
+    }
+    ctx->save_for_backward({x, w, out});
+    ctx->saved_data["pad"] = pad;
+    ctx->saved_data["has_bias"] = has_tensor(b);
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<decltype(conv3x3_relu_bwd)>("lenet_fast::ext_conv3x3_relu_backward");
+    const auto s = ctx->get_saved_variables();
+    const NeedGrads ng = need_grads(ctx);
+    auto [dx, dw, db] = op.call(grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
+    return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
+  }
+};
+
+at::Tensor conv3x3_relu_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                 int64_t pad) {
+  return ConvReluFn::apply(x, w, b, pad);
+}
+
+// --- max-pool 2x2 --------------------------------------------------------------------
+struct MaxPoolFn : public torch::autograd::Function<MaxPoolFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x) {
+    static const auto op = op_handle<decltype(maxpool2x2_fwd)>("lenet_fast::ext_maxpool2x2");
+    at::Tensor out, idx;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, idx) = op.call(x);
+    }
+    ctx->save_for_backward({x, idx});
+    ctx->mark_non_differentiable({idx});
+    return {out, idx};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<decltype(maxpool2x2_bwd)>("lenet_fast::ext_maxpool2x2_backward");
+    const auto s = ctx->get_saved_variables();
+    return {op.call(grads[0], s[1], s[0])};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> maxpool2x2_autograd(const at::Tensor& x) {
+  auto r = MaxPoolFn::apply(x);
+  return {r[0], r[1]};
+}
+
+// --- conv3x3 + bias + ReLU + max-pool 2x2 -------------------------------------------
+struct ConvReluPoolFn : public torch::autograd::Function<ConvReluPoolFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                               const std::optional<at::Tensor>& b, int64_t pad) {
+    static const auto op =
+        op_handle<decltype(conv3x3_relu_maxpool2x2_fwd)>("lenet_fast::ext_conv3x3_relu_maxpool2x2");
+    at::Tensor out, idx;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, idx) = op.call(x, w, b, pad);
+    }
+    ctx->save_for_backward({x, w, idx});
+    ctx->saved_data["pad"] = pad;
+    ctx->saved_data["has_bias"] = has_tensor(b);
+    ctx->mark_non_differentiable({idx});
+    return {out, idx};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        op_handle<decltype(conv3x3_relu_maxpool2x2_bwd)>("lenet_fast::ext_conv3x3_relu_maxpool2x2_backward");
+    const auto s = ctx->get_saved_variables();
+    const NeedGrads ng = need_grads(ctx);
+    auto [dx, dw, db] = op.call(grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
+    return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_autograd(const at::Tensor& x, const at::Tensor& w,
+                                                                    const std::optional<at::Tensor>& b, int64_t pad) {
+  auto r = ConvReluPoolFn::apply(x, w, b, pad);
+  return {r[0], r[1]};
+}
+
+// --- linear + bias (+ ReLU) ------------------------------------------------------
+struct LinearFn : public torch::autograd::Function<LinearFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const std::optional<at::Tensor>& b, bool relu) {
+    static const auto op = op_handle<decltype(linear_fwd)>("lenet_fast::ext_linear");
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(x, w, b, relu);
+    }
+    ctx->save_for_backward({x, w, out});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_bias"] = has_tensor(b);
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<decltype(linear_bwd)>("lenet_fast::ext_linear_backward");
+    const auto s = ctx->get_saved_variables();
+    const NeedGrads ng = need_grads(ctx);
+    auto [dx, dw, db] = op.call(grads[0], s[2], s[0], s[1], ctx->saved_data["relu"].toBool(), ng.x, ng.w || ng.b);
+    return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
+  }
+};
+
+at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
+  return LinearFn::apply(x, w, b, relu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lenet_fast, m) {
+  m.impl_abstract_pystub("lenet_fast.ext_backend");
+  m.def("ext_conv3x3_relu(Tensor x, Tensor weight, Tensor? bias, int padding) -> Tensor");
+  m.def(
+      "ext_conv3x3_relu_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, int padding, "
+      "bool input_grad, bool weight_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("ext_maxpool2x2(Tensor x) -> (Tensor, Tensor)");
+  m.def("ext_maxpool2x2_backward(Tensor grad_out, Tensor idx, Tensor x) -> Tensor");
+  m.def("ext_conv3x3_relu_maxpool2x2(Tensor x, Tensor weight, Tensor? bias, int padding) -> (Tensor, Tensor)");
+  m.def(
+      "ext_conv3x3_relu_maxpool2x2_backward(Tensor grad_out, Tensor idx, Tensor x, Tensor weight, int padding, "
+      "bool input_grad, bool weight_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("ext_linear(Tensor x, Tensor weight, Tensor? bias, bool relu) -> Tensor");
+  m.def(
+      "ext_linear_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, bool relu, bool input_grad, "
+      "bool weight_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+#define LF_REGISTER_KERNELS(m)                                                                \
+  m.impl("ext_conv3x3_relu", &conv3x3_relu_fwd);                                              \
+  m.impl("ext_conv3x3_relu_backward", &conv3x3_relu_bwd);                                     \
+  m.impl("ext_maxpool2x2", &maxpool2x2_fwd);                                                  \
+  m.impl("ext_maxpool2x2_backward", &maxpool2x2_bwd);                                         \
+  m.impl("ext_conv3x3_relu_maxpool2x2", &conv3x3_relu_maxpool2x2_fwd);                        \
+  m.impl("ext_conv3x3_relu_maxpool2x2_backward", &conv3x3_relu_maxpool2x2_bwd);               \
+  m.impl("ext_linear", &linear_fwd);                                                          \
+  m.impl("ext_linear_backward", &linear_bwd);
+
+TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { LF_REGISTER_KERNELS(m) }
+
+#ifdef LENET_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { LF_REGISTER_KERNELS(m) }
+#endif
+
+TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) {
+  m.impl("ext_conv3x3_relu", &conv3x3_relu_autograd);
+  m.impl("ext_maxpool2x2", &maxpool2x2_autograd);
+  m.impl("ext_conv3x3_relu_maxpool2x2", &conv3x3_relu_maxpool2x2_autograd);
+  m.impl("ext_linear", &linear_autograd);
+}
+
+}  // namespace lenet_fast
+
+// `import lenet_fast._C` loads this library (running the registrations above)
+// and gives a tiny module: HAS_CUDA says whether CUDA kernels were compiled in.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "lenet_fast C++/CUDA kernels; the ops are torch.ops.lenet_fast.ext_*",
+      -1,
+      nullptr,
+  };
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+#ifdef LENET_FAST_WITH_CUDA
+  const long has_cuda = 1;
+#else
+  const long has_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(m, "HAS_CUDA", has_cuda) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
