@@ -1,0 +1,355 @@
+"""Tests of the "ext" backend (lenet_fast._C, csrc/): gradcheck, opcheck, determinism, stock parity.
+
+Tolerances: float32 results must match stock PyTorch within 1e-4 of the
+reference's scale (max |ref|), float64 within 1e-10; pooling routing (values,
+ties, NaN) must match exactly.  CUDA variants run only where a GPU and the CUDA
+kernels are present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from lenet_fast import ext_backend as E
+except ImportError as exc:  # pragma: no cover
+    pytest.skip(f"ext backend unavailable: {exc}", allow_module_level=True)
+
+OPS = torch.ops.lenet_fast
+
+
+def _devices():
+    devs = ["cpu"]
+    marks = []
+    if not torch.cuda.is_available():
+        marks = [pytest.mark.skip(reason="no CUDA GPU")]
+    elif not E.HAS_CUDA_KERNELS:
+        marks = [pytest.mark.skip(reason="lenet_fast._C built without CUDA kernels")]
+    return [pytest.param(d) for d in devs] + [pytest.param("cuda", marks=[pytest.mark.cuda, *marks])]
+
+
+DEVICES = _devices()
+
+
+def _close(actual, expected, dtype, what=""):
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    finite = expected[torch.isfinite(expected)]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tol * max(scale, 1.0), equal_nan=True, msg=what)
+
+
+# --- references ------------------------------------------------------------------------
+def ref_conv_relu(x, w, b, p):
+    return F.relu(F.conv2d(x, w, b, padding=p))
+
+
+def ref_fused(x, w, b, p):
+    return F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=p)), 2)
+
+
+def ref_linear(x, w, b, relu):
+    y = F.linear(x, w, b)
+    return F.relu(y) if relu else y
+
+
+def _conv_inputs(n, cin, cout, h, w, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g, dtype=dtype).to(device).requires_grad_()
+    wt = (torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype) / (3 * cin**0.5)).to(device).requires_grad_()
+    b = (torch.randn(cout, generator=g, dtype=dtype) * 0.1).to(device).requires_grad_() if bias else None
+    return x, wt, b
+
+
+def _compare_op(fn, ref, inputs, dtype, seed=1):
+    y = fn(*inputs)
+    y_ref = ref(*inputs)
+    _close(y, y_ref, dtype, "forward")
+    diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if y.numel() == 0:
+        return
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype).to(y.device)
+    got = torch.autograd.grad(y, diff, g)
+    want = torch.autograd.grad(y_ref, diff, g)
+    for i, (a, b) in enumerate(zip(got, want)):
+        _close(a, b, dtype, f"grad of differentiable input {i}")
+
+
+# --- float32 parity with stock at LeNet's shapes and edge shapes ------------------------
+CONV_SHAPES = [
+    # (N, Cin, Cout, H, W, padding)
+    (64, 1, 6, 28, 28, 0),  # LeNet conv1
+    (64, 6, 16, 13, 13, 0),  # LeNet conv2
+    (1, 1, 6, 28, 28, 0),  # batch 1
+    (3, 2, 5, 9, 11, 0),  # odd H/W (floor-mode pooling drops a row and a column)
+    (2, 3, 4, 7, 10, 1),  # padding 1
+    (2, 1, 1, 6, 6, 1),  # Cin 1, Cout 1
+    (2, 13, 9, 5, 4, 0),  # channels not multiples of the CPU block sizes
+    (0, 3, 4, 8, 8, 0),  # empty batch
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fused_matches_stock(device, shape, bias):
+    n, cin, cout, h, w, p = shape
+    x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float32, device, bias)
+    _compare_op(E.conv3x3_relu_maxpool2x2, ref_fused, (x, wt, b, p), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_conv_relu_matches_stock(device, shape):
+    n, cin, cout, h, w, p = shape
+    x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float32, device)
+    _compare_op(E.conv3x3_relu, ref_conv_relu, (x, wt, b, p), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(64, 6, 26, 26), (64, 16, 11, 11), (1, 1, 2, 2), (2, 3, 7, 9), (0, 2, 4, 4)])
+def test_maxpool_matches_stock(device, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device).requires_grad_()
+    _compare_op(E.maxpool2x2, lambda t: F.max_pool2d(t, 2), (x,), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dims", [(64, 400, 120), (64, 120, 84), (64, 84, 10), (1, 3, 1), (0, 5, 4)])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_linear_matches_stock(device, dims, relu, bias):
+    n, k, o = dims
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, k, generator=g).to(device).requires_grad_()
+    w = (torch.randn(o, k, generator=g) / k**0.5).to(device).requires_grad_()
+    b = torch.randn(o, generator=g).to(device).requires_grad_() if bias else None
+    _compare_op(E.linear, ref_linear, (x, w, b, relu), torch.float32)
+
+
+# --- pooling ties and NaN: routing must match stock exactly ----------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_maxpool_ties_and_nan(device):
+    nan = float("nan")
+    x = torch.tensor(
+        [
+            [1.0, 1.0, 2.0, nan, 0.0, 0.0],
+            [1.0, 1.0, nan, 5.0, 0.0, 0.0],
+            [nan, 3.0, -1.0, -1.0, 7.0, 1.0],
+            [2.0, nan, -1.0, -2.0, 7.0, 7.0],
+            [9.0, 9.0, 9.0, 9.0, 9.0, 9.0],  # odd rows: the 5th row is dropped
+        ]
+    ).reshape(1, 1, 5, 6)
+    x = x.to(device).requires_grad_()
+    y = E.maxpool2x2(x)
+    y_ref = F.max_pool2d(x, 2)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+    g = torch.arange(1.0, 1.0 + y.numel()).reshape(y.shape).to(device)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_ties_and_nan(device):
+    # zero weights: every conv output equals the bias, so every window is a tie.
+    x = torch.randn(2, 2, 7, 8).to(device).requires_grad_()
+    w = torch.zeros(3, 2, 3, 3).to(device).requires_grad_()
+    b = torch.tensor([0.5, -0.5, 0.0]).to(device).requires_grad_()
+    _compare_op(E.conv3x3_relu_maxpool2x2, ref_fused, (x, w, b, 1), torch.float32)
+    # NaN inputs propagate to the outputs they touch, exactly where stock puts them.
+    x = torch.randn(2, 2, 9, 9)
+    x[0, 1, 4, 4] = float("nan")
+    x[1, 0, 0, 0] = float("nan")
+    x = x.to(device)
+    wt = torch.randn(3, 2, 3, 3).to(device)
+    y = E.conv3x3_relu_maxpool2x2(x, wt, None, 0)
+    y_ref = ref_fused(x, wt, None, 0)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    _close(y, y_ref, torch.float32)
+
+
+# --- float64 gradcheck ----------------------------------------------------------------
+GC_SHAPES = [(2, 2, 3, 6, 7, 0), (2, 3, 2, 5, 6, 1), (1, 1, 1, 4, 5, 0)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", GC_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gradcheck_conv_ops(device, shape):
+    n, cin, cout, h, w, p = shape
+    x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float64, device, seed=7)
+    assert torch.autograd.gradcheck(lambda *a: E.conv3x3_relu_maxpool2x2(*a, p), (x, wt, b))
+    assert torch.autograd.gradcheck(lambda *a: E.conv3x3_relu(*a, p), (x, wt, b))
+    assert torch.autograd.gradcheck(lambda a, c: E.conv3x3_relu_maxpool2x2(a, c, None, p), (x, wt))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_maxpool_linear(device):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(E.maxpool2x2, (x,))
+    a = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    for relu in (True, False):
+        assert torch.autograd.gradcheck(lambda *t: E.linear(*t, relu), (a, w, b))
+        assert torch.autograd.gradcheck(lambda *t: E.linear(*t, None, relu), (a, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_matches_stock(device):
+    x, wt, b = _conv_inputs(8, 3, 5, 12, 11, torch.float64, device, seed=5)
+    _compare_op(E.conv3x3_relu_maxpool2x2, ref_fused, (x, wt, b, 1), torch.float64)
+    _compare_op(E.conv3x3_relu, ref_conv_relu, (x, wt, b, 0), torch.float64)
+
+
+def test_first_layer_skips_input_grad():
+    x, wt, b = _conv_inputs(4, 1, 6, 28, 28, torch.float32, "cpu")
+    x.requires_grad_(False)
+    y = E.conv3x3_relu_maxpool2x2(x, wt, b, 0)
+    y.sum().backward()
+    assert x.grad is None and wt.grad is not None and b.grad is not None
+    out, idx = OPS.ext_conv3x3_relu_maxpool2x2(x, wt, b, 0)
+    gx, gw, gb = OPS.ext_conv3x3_relu_maxpool2x2_backward(torch.ones_like(out), idx, x, wt, 0, False, True)
+    assert gx.numel() == 0 and gw.shape == wt.shape and gb.shape == b.shape
+
+
+# --- torch.library.opcheck on every registered op (CPU) -------------------------------
+def _opcheck_samples():
+    x, w, b = _conv_inputs(3, 2, 4, 8, 7, torch.float32, "cpu", seed=9)
+    out, idx = OPS.ext_conv3x3_relu_maxpool2x2(x, w, b, 1)
+    cr = OPS.ext_conv3x3_relu(x, w, b, 0)
+    px, pidx = OPS.ext_maxpool2x2(x)
+    a = torch.randn(5, 7, requires_grad=True)
+    lw = torch.randn(3, 7, requires_grad=True)
+    lb = torch.randn(3, requires_grad=True)
+    ly = OPS.ext_linear(a, lw, lb, True)
+    d = lambda t: t.detach()  # noqa: E731
+    return [
+        ("ext_conv3x3_relu_maxpool2x2", (x, w, b, 1)),
+        ("ext_conv3x3_relu_maxpool2x2", (x, w, None, 0)),
+        ("ext_conv3x3_relu", (x, w, b, 1)),
+        ("ext_maxpool2x2", (x,)),
+        ("ext_linear", (a, lw, lb, True)),
+        ("ext_linear", (a, lw, None, False)),
+        ("ext_conv3x3_relu_maxpool2x2_backward", (torch.randn(out.shape), idx, d(x), d(w), 1, True, True)),
+        ("ext_conv3x3_relu_maxpool2x2_backward", (torch.randn(out.shape), idx, d(x), d(w), 1, False, True)),
+        ("ext_conv3x3_relu_backward", (torch.randn(cr.shape), d(cr), d(x), d(w), 0, True, True)),
+        ("ext_maxpool2x2_backward", (torch.randn(px.shape), pidx, d(x))),
+        ("ext_linear_backward", (torch.randn(ly.shape), d(ly), d(a), d(lw), True, True, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_opcheck(case):
+    name, args = _opcheck_samples()[case]
+    torch.library.opcheck(getattr(OPS, name).default, args)
+
+
+def test_every_op_is_opchecked():
+    assert {name for name, _ in _opcheck_samples()} == set(E.OP_NAMES)
+
+
+# --- determinism ------------------------------------------------------------------------
+def _grads(fn, inputs, seed=2):
+    y = fn(*inputs)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return torch.autograd.grad(y, diff, g)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        ("fused", E.conv3x3_relu_maxpool2x2, (64, 6, 16, 13, 13, 0)),
+        ("fused", E.conv3x3_relu_maxpool2x2, (37, 1, 6, 28, 28, 1)),
+        ("conv_relu", E.conv3x3_relu, (33, 6, 16, 13, 13, 0)),
+    ],
+    ids=lambda o: o[0] + "-" + "x".join(map(str, o[2])),
+)
+def test_conv_gradients_deterministic_across_runs_and_threads(op):
+    _, fn, (n, cin, cout, h, w, p) = op
+    x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float32, "cpu", seed=12)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for nt in (threads, threads, 1, 3):
+            torch.set_num_threads(nt)
+            runs.append(_grads(lambda *a: fn(*a, p), (x, wt, b)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c)
+
+
+def test_linear_and_pool_gradients_deterministic():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(64, 400, generator=g, requires_grad=True)
+    w = torch.randn(120, 400, generator=g, requires_grad=True)
+    b = torch.randn(120, generator=g, requires_grad=True)
+    r1 = _grads(lambda *a: E.linear(*a, True), (x, w, b))
+    r2 = _grads(lambda *a: E.linear(*a, True), (x, w, b))
+    for a, c in zip(r1, r2):
+        assert torch.equal(a, c)
+    p = torch.randn(8, 6, 26, 26, generator=g, requires_grad=True)
+    assert torch.equal(_grads(E.maxpool2x2, (p,))[0], _grads(E.maxpool2x2, (p,))[0])
+
+
+# --- the model and torch.compile ----------------------------------------------------------
+def test_lenet_training_step_matches_torch():
+    import lenet_fast
+
+    torch.manual_seed(0)
+    ref = lenet_fast.TorchLeNet()
+    model = lenet_fast.LeNet(backend="ext")
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(64, 1, 28, 28)
+    y = torch.randint(0, 10, (64,))
+    for m in (ref, model):
+        F.cross_entropy(m(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        _close(p.grad, q.grad, torch.float32, name)
+
+
+def test_torch_compile_fullgraph():
+    x, w, b = _conv_inputs(4, 1, 6, 28, 28, torch.float32, "cpu")
+
+    def f(x, w, b):
+        return E.conv3x3_relu_maxpool2x2(x, w, b, 0).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
+
+
+# --- build facts ---------------------------------------------------------------------------
+def test_cuda_resource_usage():
+    from lenet_fast import ext_resources
+
+    if not E.HAS_CUDA_KERNELS:
+        with pytest.raises(RuntimeError, match="without CUDA"):
+            ext_resources.cuda_resource_usage()
+        return
+    rows = ext_resources.cuda_resource_usage()
+    assert {r["arch"] for r in rows} >= {"sm_80", "sm_90"}
+    spilled = [r for r in rows if r["local"] or r["stack"]]
+    assert not spilled, spilled
+
+
+def test_parse_resource_usage_sample():
+    from lenet_fast.ext_resources import parse_resource_usage
+
+    text = """
+Fatbin elf code:
+================
+arch = sm_90
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _ZN10lenet_fast4cuda6detail15conv_fwd_kernelIfLb1EEEvPKT_S5_S5_PS3_PhNS0_8ConvDimsENS1_7FwdGridEl:
+  REG:128 STACK:0 SHARED:11392 LOCAL:0 CONSTANT[0]:616 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    (row,) = parse_resource_usage(text)
+    assert row["arch"] == "sm_90" and row["registers"] == 128 and row["shared"] == 11392
+    assert row["local"] == 0 and row["stack"] == 0
+    assert row["kernel"].endswith("conv_fwd_kernel")
