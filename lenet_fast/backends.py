@@ -19,6 +19,7 @@ the model, the ops and the CLIs pick it up by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from typing import Callable, Iterable
 
@@ -88,6 +89,7 @@ _AUTO_ORDER: dict[str, list[str]] = {"cpu": [], "cuda": []}
 def register_backend(backend: Backend, *, auto_priority: dict[str, int] | None = None) -> None:
     """Add a backend. `auto_priority` maps device type -> rank for "auto" (lower wins)."""
     _REGISTRY[backend.name] = backend
+    _implementation_cached.cache_clear()
     for device_type, rank in (auto_priority or {}).items():
         order = _AUTO_ORDER.setdefault(device_type, [])
         if backend.name in order:
@@ -128,8 +130,19 @@ def resolve(name: str, device: torch.device | str, dtype: torch.dtype | None = N
 
 
 def implementation(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> object:
-    """The implementation object of the resolved backend (see module docstring)."""
-    return _REGISTRY[resolve(name, device, dtype)].load()
+    """The implementation object of the resolved backend (see module docstring).
+
+    Called on every op, so the answer is cached per (name, device type, dtype):
+    what runs where does not change within a process (registering a backend
+    clears the cache).  Failures are not cached, and re-raise each time.
+    """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _implementation_cached(name, device_type, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _implementation_cached(name: str, device_type: str, dtype: torch.dtype | None) -> object:
+    return _REGISTRY[resolve(name, device_type, dtype)].load()
 
 
 def available_backends(device_types: Iterable[str] = ("cpu", "cuda")) -> dict[str, dict[str, object]]:

@@ -113,6 +113,8 @@ def linear(x, weight, bias=None, *, relu: bool = False, backend: str = "auto") -
         raise ValueError(
             f"bias must have shape ({out_features},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}"
         )
-    lead = x.shape[:-1]
-    y = _impl(backend, x).linear(x.reshape(-1, in_features), weight, bias, bool(relu))
-    return y.reshape(*lead, out_features)
+    impl = _impl(backend, x)
+    if x.dim() == 2:
+        return impl.linear(x, weight, bias, bool(relu))
+    y = impl.linear(x.reshape(-1, in_features), weight, bias, bool(relu))
+    return y.reshape(*x.shape[:-1], out_features)
