@@ -80,6 +80,8 @@ else
     say "sanitizer: compute-sanitizer not found, skipped"
 fi
 
+stage count_kernels 90 "$PY" -m benchmarks.count_kernels --device cuda --json "$OUT/kernels_per_step.json"
+
 # --- 3. benchmarks -------------------------------------------------------------------
 stage benchmark 240 "$PY" -m benchmarks.run --device cuda --quick --out "$OUT/bench"
 
