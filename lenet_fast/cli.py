@@ -12,7 +12,7 @@ from typing import NoReturn
 
 import torch
 
-from . import __version__, backends
+from . import __version__, backends, checkpoint
 from .data import DATASETS
 
 
@@ -55,6 +55,14 @@ def resolve_backend(name: str, device: torch.device) -> str:
         return backends.resolve(name, device, torch.float32)
     except backends.BackendUnavailableError as exc:
         raise UsageError(f"--backend {name}: {exc}") from None
+
+
+def load_checkpoint_model(args: argparse.Namespace):
+    """(model, checkpoint dict, device, backend) for the --checkpoint/--device/--backend options."""
+    device = resolve_device(args.device)
+    backend = resolve_backend(args.backend, device)
+    model, state = checkpoint.load_model(args.checkpoint, backend=backend, device=device)
+    return model, state, device, backend
 
 
 def device_name(device: torch.device) -> str:

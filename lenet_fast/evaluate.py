@@ -59,9 +59,7 @@ def plot_confusion(matrix: torch.Tensor, title: str, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        device = cli.resolve_device(args.device)
-        backend = cli.resolve_backend(args.backend, device)
-        model, state = checkpoint.load_model(args.checkpoint, backend=backend, device=device)
+        model, state, device, backend = cli.load_checkpoint_model(args)
         dataset = args.dataset or state["config"].get("dataset", "mnist")
         root = args.data_dir or state["config"].get("data_dir") or data.default_data_dir()
         images, labels = data.load_split(dataset, root, train=False, download=not args.no_download)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        device = cli.resolve_device(args.device)
-        backend = cli.resolve_backend(args.backend, device)
-        model, state = checkpoint.load_model(args.checkpoint, backend=backend, device=device)
+        model, state, device, _ = cli.load_checkpoint_model(args)
     except (cli.UsageError, checkpoint.CheckpointError) as exc:
         cli.fail(PROG, str(exc))
     dataset = state["config"].get("dataset", "mnist")
