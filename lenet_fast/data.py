@@ -185,11 +185,14 @@ def load(
     device: torch.device | str = "cpu",
     download: bool = True,
     limit_train: int | None = None,
+    limit_test: int | None = None,
 ) -> tuple[DeviceData, DeviceData]:
-    """(train, test) splits of `name` on `device`; `limit_train` keeps the first N training images."""
+    """(train, test) splits of `name` on `device`; `limit_train`/`limit_test` keep the first N images."""
     root = default_data_dir() if root is None else root
     train_images, train_labels = load_split(name, root, train=True, download=download)
     test_images, test_labels = load_split(name, root, train=False, download=download)
     if limit_train is not None:
         train_images, train_labels = train_images[:limit_train], train_labels[:limit_train]
+    if limit_test is not None:
+        test_images, test_labels = test_images[:limit_test], test_labels[:limit_test]
     return to_device(name, train_images, train_labels, device), to_device(name, test_images, test_labels, device)

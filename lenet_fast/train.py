@@ -32,6 +32,7 @@ DEFAULTS = {
     "optimizer": "sgd",
     "seed": 0,
     "limit_train": None,
+    "limit_test": None,
     "weight_decay": 0.0,
 }
 DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=None, help="(default 0)")
     p.add_argument("--seed", type=int, default=None, help=f"(default {DEFAULTS['seed']})")
     p.add_argument("--limit-train", type=_positive_int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=_positive_int, default=None,
+                   help="evaluate on the first N test images only (quick runs; the reported accuracy is then partial)")
     p.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<date>-<time>)")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from this checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
@@ -185,7 +188,8 @@ def train(config: dict, resumed: dict | None = None) -> dict:
     out = Path(config["out"])
     data_dir = config.get("data_dir") or data.default_data_dir()
     train_set, test_set = data.load(config["dataset"], data_dir, device=device,
-                                    download=not config["no_download"], limit_train=config["limit_train"])
+                                    download=not config["no_download"], limit_train=config["limit_train"],
+                                    limit_test=config.get("limit_test"))
 
     torch.manual_seed(config["seed"])
     model = LeNet(backend=backend).to(device)

@@ -62,7 +62,7 @@ def test_checkpoint_loads_with_weights_only(trained_run):
 def _config(dataset_root, out, epochs=2):
     args = train_module.build_parser().parse_args([
         "--data-dir", str(dataset_root), "--no-download", "--epochs", str(epochs), "--batch-size", "32",
-        "--backend", "torch", "--device", "cpu", "--out", str(out), "--no-progress", "--limit-train", "200",
+        "--backend", "torch", "--device", "cpu", "--out", str(out), "--no-progress", "--limit-train", "200", "--limit-test", "100",
     ])
     return train_module.make_config(args, None)
 

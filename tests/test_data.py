@@ -22,6 +22,7 @@ def test_loads_small_idx_files(tmp_path):
     train, test = data.load("mnist", tmp_path, download=False, limit_train=30)
     assert train.images.shape == (30, 1, 28, 28) and train.images.dtype == torch.float32
     assert len(test) == 20
+    assert len(data.load("mnist", tmp_path, download=False, limit_test=7)[1]) == 7
     # normalised on the device with the dataset's constants
     expected = (images[:30].float() / 255 - 0.1307) / 0.3081
     torch.testing.assert_close(train.images[:, 0], expected)
