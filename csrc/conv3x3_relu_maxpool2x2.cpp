@@ -2,11 +2,12 @@
 //
 // Forward writes only the pooled output and a uint8 winner code per pooled
 // element (index_math.h: 0..3 = row-major position in the window, kPoolMasked
-// when ReLU blocks the gradient).  Backward scatters the pooled gradient through
-// those codes into a per-image (thread-local) conv-gradient tile and computes
-// grad_input, grad_weight and grad_bias from it in the same pass.
+// when ReLU blocks the gradient); its conv runs on the channels-last engine of
+// cpu_fused.h.  Backward scatters the pooled gradient through those codes into
+// a per-image (thread-local) conv-gradient tile and computes grad_input,
+// grad_weight and grad_bias from it in the same pass (cpu_conv.h).
 #include "common.h"
-#include "cpu_conv.h"
+#include "cpu_fused.h"
 #include "ops.h"
 
 namespace lenet_fast {
@@ -32,21 +33,9 @@ std::tuple<at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_fwd(const at::Tensor&
       return;
     }
 #endif
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    uint8_t* id = idx.mutable_data_ptr<uint8_t>();
-    const int64_t Cout = a.Cout;
-    cpu::conv_forward<scalar_t>(
-        a.x.const_data_ptr<scalar_t>(), a.w.const_data_ptr<scalar_t>(), b, {a.N, a.Cin, a.Cout, a.H, a.W, pad},
-        [&](int64_t n, int64_t co0, int64_t nc, scalar_t* ob, int64_t M, int64_t S) {
-          for (int64_t c = 0; c < nc; ++c) {
-            const int64_t base = (n * Cout + co0 + c) * Hp * Wp;
-            scalar_t* p = ob + c * M;  // this thread's conv tile: ReLU in place, then pool
-            cpu::relu_inplace(p, 2 * Hp * S);
-            for (int64_t py = 0; py < Hp; ++py)
-              cpu::pool_row<scalar_t, true>(p + 2 * py * S, p + (2 * py + 1) * S, o + base + py * Wp, id + base + py * Wp,
-                                            Wp);
-          }
-        });
+    cpu::fused_forward<scalar_t>(a.x.const_data_ptr<scalar_t>(), a.w.const_data_ptr<scalar_t>(), b,
+                                 out.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<uint8_t>(),
+                                 {a.N, a.Cin, a.Cout, a.H, a.W, pad});
   });
   return {out, idx};
 }
