@@ -24,7 +24,7 @@ from lenet_fast.train import train_step
 
 def count(contender: Contender, device: torch.device, batch: int) -> dict:
     model = contender.make_model(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    optimizer = contender.make_optimizer(model, 0.05)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     for _ in range(3):  # warm-up: lazy init, autotuning, optimizer state

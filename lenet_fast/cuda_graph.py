@@ -7,7 +7,7 @@ whole step once and replaying it turns ~60 launches into one.
 The graph reads its batch from static buffers (`copy_` the next batch in, then
 replay) and its learning rate from a device tensor, so the cosine schedule keeps
 working without re-capture.  The optimizer is a fused one (`fused=True`), whose
-kernels read that tensor.  Shapes are static: only full batches are replayed; a
+kernels read that tensor (see lenet_fast.optim).  Shapes are static: only full batches are replayed; a
 smaller last batch of an epoch is skipped, as with `drop_last=True`.
 
 Warm-up steps run before capture (autotuning, lazy initialisation and optimizer
@@ -22,13 +22,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-
-
-def make_fused_optimizer(params, name: str, lr: torch.Tensor, **kwargs) -> torch.optim.Optimizer:
-    """SGD/Adam whose learning rate is read from the device tensor `lr` (graph-safe)."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, fused=True, capturable=True, **kwargs)
-    return torch.optim.SGD(params, lr=lr, fused=True, **kwargs)
 
 
 def snapshot_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, cli, data
-from .cuda_graph import GraphedTrainStep, make_fused_optimizer
+from .cuda_graph import GraphedTrainStep
 from .model import LeNet
+from .optim import make_optimizer
 
 PROG = "lenet_fast.train"
 
@@ -36,7 +37,6 @@ DEFAULTS = {
     "weight_decay": 0.0,
 }
 DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
-MOMENTUM = 0.9
 # Hyperparameters that a resumed run must keep, or it would not be the same run.
 FIXED_ON_RESUME = ("dataset", "batch_size", "lr", "optimizer", "seed", "limit_train", "weight_decay")
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None, help=f"(default {DEFAULTS['batch_size']})")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help=f"peak learning rate, cosine-annealed to 0 (default sgd {DEFAULT_LR['sgd']}, adam {DEFAULT_LR['adam']})")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="(default sgd, momentum 0.9)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="(default sgd, Nesterov momentum 0.9); both fused")
     p.add_argument("--weight-decay", type=float, default=None, help="(default 0)")
     p.add_argument("--seed", type=int, default=None, help=f"(default {DEFAULTS['seed']})")
     p.add_argument("--limit-train", type=_positive_int, default=None, help="use only the first N training images")
@@ -97,13 +97,6 @@ def make_config(args: argparse.Namespace, resumed: dict | None) -> dict:
         config["out"] = str(Path("runs") / f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
     config["no_download"] = bool(config.get("no_download"))
     return config
-
-
-def make_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimizer:
-    if config["optimizer"] == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    return torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=MOMENTUM, nesterov=True,
-                           weight_decay=config["weight_decay"])
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
@@ -201,12 +194,8 @@ def train(config: dict, resumed: dict | None = None) -> dict:
             raise cli.UsageError(f"--cuda-graph replays full batches only, and {len(train_set)} training images "
                                  f"do not fill one batch of {config['batch_size']}")
         lr_tensor = torch.tensor(config["lr"], device=device)
-        kwargs = {"weight_decay": config["weight_decay"]}
-        if config["optimizer"] == "sgd":
-            kwargs.update(momentum=MOMENTUM, nesterov=True)
-        optimizer = make_fused_optimizer(model.parameters(), config["optimizer"], lr_tensor, **kwargs)
-    else:
-        optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model.parameters(), config["optimizer"],
+                               config["lr"] if lr_tensor is None else lr_tensor, config["weight_decay"])
     history, start_epoch, start_step, partial = [], 0, 0, None
     if resumed is not None:
         model.load_state_dict(resumed["model"])

@@ -25,7 +25,7 @@ def test_end_to_end_rows_and_reports(tmp_path):
             for c in end_to_end.contenders(device, {"ext"} & set(run.fast_backends(device)))
             if c.compile_mode is None]
     names = [r["name"] for r in rows]
-    assert names[:2] == ["stock eager", "stock eager, seed DataLoader"]
+    assert names[:3] == ["stock eager", "stock eager + fused SGD", "stock eager, seed DataLoader"]
     for r in rows:
         assert r["best_epoch_seconds"] > 0 and r["images_per_second"] > 0 and 0 <= r["test_accuracy"] <= 1
         r["speedup_vs_stock_eager"] = rows[0]["best_epoch_seconds"] / r["best_epoch_seconds"]
@@ -45,7 +45,9 @@ def test_same_seed_gives_stock_and_lenet_fast_torch_the_same_training():
     stock = end_to_end.run(end_to_end.Contender("stock eager"), split, split, epochs=1, device=torch.device("cpu"))
     ours = end_to_end.run(end_to_end.Contender("lenet_fast torch", backend="torch"), split, split, epochs=1,
                           device=torch.device("cpu"))
-    assert stock["test_accuracy"] == ours["test_accuracy"]
+    fused = end_to_end.run(end_to_end.Contender("stock eager + fused SGD", fused_optimizer=True), split, split,
+                           epochs=1, device=torch.device("cpu"))
+    assert stock["test_accuracy"] == ours["test_accuracy"] == fused["test_accuracy"]
 
 
 def test_op_cases_cover_every_op_and_run():

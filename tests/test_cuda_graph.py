@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lenet_fast import LeNet
-from lenet_fast.cuda_graph import GraphedTrainStep, make_fused_optimizer
+from lenet_fast.cuda_graph import GraphedTrainStep
+from lenet_fast.optim import make_optimizer
 from lenet_fast.train import train_step
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -19,8 +20,7 @@ def _model_and_optimizer(device, optimizer):
     torch.manual_seed(0)
     model = LeNet(backend="torch").to(device)
     lr = torch.tensor(0.05 if optimizer == "sgd" else 2e-3, device=device)
-    kwargs = {"momentum": 0.9, "nesterov": True} if optimizer == "sgd" else {}
-    return model, make_fused_optimizer(model.parameters(), optimizer, lr, **kwargs), lr
+    return model, make_optimizer(model.parameters(), optimizer, lr), lr
 
 
 @pytest.mark.parametrize("device", DEVICES)
