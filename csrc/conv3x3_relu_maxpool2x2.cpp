@@ -3,9 +3,10 @@
 // Forward writes only the pooled output and a uint8 winner code per pooled
 // element (index_math.h: 0..3 = row-major position in the window, kPoolMasked
 // when ReLU blocks the gradient); its conv runs on the channels-last engine of
-// cpu_fused.h.  Backward scatters the pooled gradient through those codes into
-// a per-image (thread-local) conv-gradient tile and computes grad_input,
-// grad_weight and grad_bias from it in the same pass (cpu_conv.h).
+// cpu_fused.h.  Backward: the winners-only engine of cpu_fused.h where it
+// applies (float, 1..8 input channels); otherwise it scatters the pooled
+// gradient through the codes into a per-image (thread-local) dense conv-gradient
+// tile and computes grad_input, grad_weight and grad_bias from it (cpu_conv.h).
 #include "common.h"
 #include "cpu_fused.h"
 #include "ops.h"
@@ -88,6 +89,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_bwd(const
 #endif
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const uint8_t* ip = idx.const_data_ptr<uint8_t>();
+    const cpu::ConvShape shape{a.N, a.Cin, a.Cout, a.H, a.W, pad};
+    if (cpu::fused_backward_winners_ok<scalar_t>(shape)) {
+      cpu::fused_backward_winners<scalar_t>(a.x.const_data_ptr<scalar_t>(), a.w.const_data_ptr<scalar_t>(), gp, ip,
+                                            input_grad ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                                            weight_grad ? gw.mutable_data_ptr<scalar_t>() : nullptr,
+                                            weight_grad ? gb.mutable_data_ptr<scalar_t>() : nullptr, shape);
+      return;
+    }
+    // General path: densify the conv-output gradient, then the dense engine.
     const int64_t Cout = a.Cout;
     cpu::conv_backward<scalar_t>(
         a.x.const_data_ptr<scalar_t>(), a.w.const_data_ptr<scalar_t>(),

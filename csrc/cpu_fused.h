@@ -11,7 +11,10 @@
 //   accumulators stay in registers, no conv tile is written, and the ReLU + pool
 //   + winner code is elementwise over the accumulators.
 //
-// The backward of the fused op still uses the dense engine of cpu_conv.h.
+// The backward (fused_backward_winners below) works on the same channels-last
+// copy but touches only the pool WINNERS (1 in 4 conv outputs, fewer where ReLU
+// blocks): see the comment there.  Shapes it does not handle go through the
+// dense engine of cpu_conv.h.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -154,6 +157,247 @@ void fused_forward(const T* x, const T* w, const T* b, T* out, uint8_t* idx, con
       }
     }
   });
+}
+
+// ---------------------------------------------------------------------------
+// Winners-only backward.
+//
+// Only a pool winner whose ReLU passed (code < kPoolMasked) carries gradient, so
+// instead of densifying the conv-output gradient (3/4 zeros) each pool window
+// contributes through its winner only, on a channels-last padded image copy
+// with the channel count padded to C (kClC, or 1 when Cin == 1, see ClRow):
+//   X[iy][ix][c], c < C (channels >= Cin are zero)
+// so the 3x3 patch of conv output (oy, ox) is three contiguous row segments of
+// 3*C values (X + ((oy+ky)*Wpad + ox)*C, ky = 0..2), and so is one row of the
+// weight gradient / weights laid out as [co][ky][kx][c].
+//
+//  * weight grad: loop "co, images of the chunk, windows" with the dW row of co
+//    (3 x 3*C values: 9 AVX registers for C = 8) and the bias sum held in
+//    registers for the whole loop; a window costs 9 loads + 9 FMAs with g
+//    broadcast.  (Updating dW in memory per winner made consecutive winners
+//    form store-to-load chains.)
+//  * input grad: per image, scatter-add g * W[co] (same layout, in registers
+//    per co) into a per-image channels-last dX buffer, then transpose it to
+//    NCHW once.  Per-image buffer: no sharing between threads; the adds at one
+//    location happen in a fixed order (co, then windows in a fixed order).
+//  * determinism: weight/bias partials per chunk of kBatchChunk images, summed
+//    in chunk order afterwards (as in cpu_conv.h), so results do not depend on
+//    the number of threads.
+//
+// NaN/inf semantics: the conv outputs that lost their pool window contribute
+// nothing, where the dense formula (and stock autograd) computes 0 * x; so a
+// NaN/inf in x (or in w, for dX) outside the winners' patches does not poison
+// the gradient here as it does in stock.  No test covers gradients of
+// non-finite inputs (the NaN tests check forwards only).
+#define LF_ALWAYS_INLINE __attribute__((always_inline))
+constexpr int kClC = 8;  // channel padding for 2..8 input channels (one AVX register of floats)
+
+// Per-pixel channel count C of the layout: kClC, or 1 for a single input
+// channel (padding it to 8 would waste 7/8 of every vector).  K: floats of a
+// patch row as processed (3*C; for C == 1 rounded up to 4 = one SSE register,
+// the 4th lane reads the next pixel and is discarded).
+template <int C>
+struct ClRow {
+  static constexpr int K = C == 1 ? 4 : 3 * C;
+  static constexpr int U = C == 1 ? 4 : 1;  // independent accumulator sets (FMA latency: 3 chains for C == 1)
+};
+
+// The fast path: floats with 1..kClC input channels.  float64 would need twice
+// the registers for the same layout and goes through the dense engine.
+template <typename T>
+inline bool fused_backward_winners_ok(const ConvShape& s) {
+  return std::is_same<T, float>::value && s.Cin >= 1 && s.Cin <= kClC;
+}
+
+// Copy image x (Cin x H x W, NCHW) into the interior of xcl (Hpad x Wpad x C),
+// channel stride C >= Cin.  Border and channels >= Cin are not written.
+template <typename T>
+inline void pack_image_cl_stride(const T* __restrict x, T* __restrict xcl, const FusedGeom& g, int64_t C) {
+  for (int64_t ci = 0; ci < g.Cin; ++ci)
+    for (int64_t iy = 0; iy < g.H; ++iy) {
+      const T* src = x + (ci * g.H + iy) * g.W;
+      T* dst = xcl + ((iy + g.pad) * g.Wpad + g.pad) * C + ci;
+      for (int64_t ix = 0; ix < g.W; ++ix) dst[ix * C] = src[ix];
+    }
+}
+
+// Every pool window is visited (no compaction of the winners: most windows
+// pass ReLU, and a data-dependent compaction cost more than the FMAs it saved);
+// a masked window contributes with g = 0.  Its winner's patch starts at
+// X + 2*py*rs + 2*px*C + code_offset(code).  Arithmetic, not a table or a
+// conditional chain (which compiled to unpredictable branches).
+inline int64_t code_offset(int code, int64_t rs, int64_t C) {
+  return pool_code_dy(code & 3) * rs + pool_code_dx(code & 3) * C;
+}
+
+// dW row of one output channel over the windows of one image (gc/ic: its
+// pooled gradient and codes), accumulated into acc[u] (u = px mod U: U sets so
+// that the FMA chains overlap), which the caller's loop keeps in registers;
+// likewise the bias sums bias[u].  (A separate vectorised bias reduction cost
+// more in its horizontal sum than these scalar adds.)
+template <typename T, int C>
+inline void winners_weight_grad(const T* __restrict X, const T* __restrict gc, const uint8_t* __restrict ic,
+                                int64_t Hp, int64_t Wp, int64_t rs, T (&acc)[ClRow<C>::U][3][ClRow<C>::K],
+                                T (&bias)[ClRow<C>::U]) {
+  constexpr int K = ClRow<C>::K, U = ClRow<C>::U;
+  for (int64_t py = 0; py < Hp; ++py) {
+    const T* Xr = X + 2 * py * rs;
+    const T* gr = gc + py * Wp;
+    const uint8_t* cr = ic + py * Wp;
+    int64_t px = 0;
+    auto one = [&](T(&a)[3][K], T& b, int64_t x) LF_ALWAYS_INLINE {
+      const int code = cr[x];
+      const T gi = code < kPoolMasked ? gr[x] : T(0);
+      b += gi;
+      const int64_t d = code_offset(code, rs, C);
+      const T* p = Xr + 2 * x * C + d;
+      LF_UNROLL
+      for (int r = 0; r < 3; ++r) {
+        LF_SIMD
+        for (int l = 0; l < K; ++l) a[r][l] += gi * p[r * rs + l];
+      }
+    };
+    for (; px + U <= Wp; px += U) {
+      LF_UNROLL
+      for (int u = 0; u < U; ++u) one(acc[u], bias[u], px + u);
+    }
+    for (; px < Wp; ++px) one(acc[0], bias[0], px);
+  }
+}
+
+// dX += g * W[co] at every window of one (image, channel); wr (3 x K) is W[co].
+// Only the 3*C real values of a row are written (no junk lane).  Per pooled
+// row the even windows go first, then the odd ones: the patches of windows px
+// and px+1 overlap, those of px and px+2 do not, so consecutive scatters do not
+// wait on each other's stores.
+template <typename T, int C>
+inline void winners_input_grad(T* __restrict dX, const T* __restrict gc, const uint8_t* __restrict ic, int64_t Hp,
+                               int64_t Wp, int64_t rs, const T (&wr)[3][ClRow<C>::K]) {
+  for (int64_t py = 0; py < Hp; ++py) {
+    T* Dr = dX + 2 * py * rs;
+    const T* gr = gc + py * Wp;
+    const uint8_t* cr = ic + py * Wp;
+    for (int64_t par = 0; par < 2; ++par)
+      for (int64_t px = par; px < Wp; px += 2) {
+        const int code = cr[px];
+        const T gi = code < kPoolMasked ? gr[px] : T(0);
+        const int64_t d = code_offset(code, rs, C);
+        T* p = Dr + 2 * px * C + d;
+        LF_UNROLL
+        for (int r = 0; r < 3; ++r) {
+          LF_SIMD
+          for (int l = 0; l < 3 * C; ++l) p[r * rs + l] += gi * wr[r][l];
+        }
+      }
+  }
+}
+
+// Backward of the fused op for fused_backward_winners_ok shapes, layout C.
+// g_out/idx: (N, Cout, Hp, Wp).  gx (N, Cin, H, W), gw (Cout, Cin, 3, 3),
+// gb (Cout): each may be null (not wanted; gb only together with gw).
+template <typename T, int C>
+void fused_backward_winners_c(const T* x, const T* w, const T* g_out, const uint8_t* idx, T* gx, T* gw, T* gb,
+                              const ConvShape& s) {
+  constexpr int K = ClRow<C>::K, U = ClRow<C>::U;
+  const FusedGeom g(s, Lanes<T>::L1);
+  const int64_t Cin = s.Cin, Cout = s.Cout, Hp = g.Hp, Wp = g.Wp, P = Hp * Wp, rs = g.Wpad * C;
+  // Values per channels-last image, plus slack for the junk lane of C == 1.
+  const int64_t img = g.Hpad * g.Wpad * C + K;
+  const int64_t nw = Cout * Cin * 9;
+  const bool want_w = gw != nullptr;
+  if (want_w) {
+    std::fill(gw, gw + nw, T(0));
+    if (gb != nullptr) std::fill(gb, gb + Cout, T(0));
+  }
+  if (s.N == 0) return;
+  // Weights as wcl[co][ky][kx*C + ci] (zero for ci >= Cin and the junk lane).
+  std::vector<T> wcl(gx != nullptr ? Cout * 3 * K : 0, T(0));
+  if (gx != nullptr)
+    for (int64_t co = 0; co < Cout; ++co)
+      for (int64_t ci = 0; ci < Cin; ++ci)
+        for (int t = 0; t < 9; ++t) wcl[(co * 3 + t / 3) * K + (t % 3) * C + ci] = w[(co * Cin + ci) * 9 + t];
+  const int64_t nchunks = ceil_div(s.N, kBatchChunk);
+  std::vector<T> partial(want_w ? nchunks * (nw + Cout) : 0, T(0));
+  at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+    // Zeroed once: the border, the channels >= Cin and the slack are never written.
+    std::vector<T> xcl(want_w ? kBatchChunk * img : 0, T(0));
+    std::vector<T> dX(gx != nullptr ? img : 0);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t n0 = k * kBatchChunk, nb = std::min(s.N, n0 + kBatchChunk) - n0;
+      if (want_w) {
+        for (int64_t j = 0; j < nb; ++j)
+          pack_image_cl_stride(x + (n0 + j) * Cin * s.H * s.W, xcl.data() + j * img, g, C);
+        T* pw = partial.data() + k * (nw + Cout);
+        for (int64_t co = 0; co < Cout; ++co) {
+          T acc[U][3][K];
+          LF_UNROLL
+          for (int u = 0; u < U; ++u)
+            LF_UNROLL
+            for (int r = 0; r < 3; ++r) {
+              LF_SIMD
+              for (int l = 0; l < K; ++l) acc[u][r][l] = T(0);
+            }
+          T bias[U];
+          LF_UNROLL
+          for (int u = 0; u < U; ++u) bias[u] = T(0);
+          for (int64_t j = 0; j < nb; ++j) {
+            const int64_t src = ((n0 + j) * Cout + co) * P;
+            winners_weight_grad<T, C>(xcl.data() + j * img, g_out + src, idx + src, Hp, Wp, rs, acc, bias);
+          }
+          // The U sets summed in a fixed order.
+          for (int64_t ci = 0; ci < Cin; ++ci)
+            for (int t = 0; t < 9; ++t) {
+              T v = T(0);
+              for (int u = 0; u < U; ++u) v += acc[u][t / 3][(t % 3) * C + ci];
+              pw[(co * Cin + ci) * 9 + t] = v;
+            }
+          T bsum = T(0);
+          for (int u = 0; u < U; ++u) bsum += bias[u];
+          pw[nw + co] = bsum;
+        }
+      }
+      if (gx != nullptr) {
+        for (int64_t j = 0; j < nb; ++j) {
+          std::fill(dX.begin(), dX.end(), T(0));
+          for (int64_t co = 0; co < Cout; ++co) {
+            T wr[3][K];
+            LF_UNROLL
+            for (int r = 0; r < 3; ++r) {
+              LF_SIMD
+              for (int l = 0; l < K; ++l) wr[r][l] = wcl[(co * 3 + r) * K + l];
+            }
+            const int64_t src = ((n0 + j) * Cout + co) * P;
+            winners_input_grad<T, C>(dX.data(), g_out + src, idx + src, Hp, Wp, rs, wr);
+          }
+          // Channels-last padded -> NCHW (drop the border).
+          T* dst = gx + (n0 + j) * Cin * s.H * s.W;
+          for (int64_t ci = 0; ci < Cin; ++ci)
+            for (int64_t iy = 0; iy < s.H; ++iy) {
+              const T* src = dX.data() + ((iy + g.pad) * g.Wpad + g.pad) * C + ci;
+              T* d = dst + (ci * s.H + iy) * s.W;
+              for (int64_t ix = 0; ix < s.W; ++ix) d[ix] = src[ix * C];
+            }
+        }
+      }
+    }
+  });
+  if (want_w) {
+    for (int64_t k = 0; k < nchunks; ++k) {
+      const T* pw = partial.data() + k * (nw + Cout);
+      for (int64_t i = 0; i < nw; ++i) gw[i] += pw[i];
+      if (gb != nullptr)
+        for (int64_t co = 0; co < Cout; ++co) gb[co] += pw[nw + co];
+    }
+  }
+}
+
+template <typename T>
+void fused_backward_winners(const T* x, const T* w, const T* g_out, const uint8_t* idx, T* gx, T* gw, T* gb,
+                            const ConvShape& s) {
+  if (s.Cin == 1)
+    fused_backward_winners_c<T, 1>(x, w, g_out, idx, gx, gw, gb, s);
+  else
+    fused_backward_winners_c<T, kClC>(x, w, g_out, idx, gx, gw, gb, s);
 }
 
 }  // namespace cpu

@@ -214,6 +214,31 @@ def test_first_layer_skips_input_grad():
     assert gx.numel() == 0 and gw.shape == wt.shape and gb.shape == b.shape
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [(5, 1, 6, 28, 28, 1), (9, 6, 16, 13, 13, 0), (3, 8, 3, 7, 9, 1), (1, 2, 5, 10, 9, 0), (2, 5, 7, 11, 8, 1)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_fused_backward_fast_path_matches_general_path(shape):
+    # float32 with 1..8 input channels takes the winners-only backward of
+    # csrc/cpu_fused.h; float64 takes the dense general path (cpu_conv.h).  Same
+    # codes, same gradients: they must agree (and both match stock elsewhere).
+    n, cin, cout, h, w, p = shape
+    x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float32, "cpu", seed=21)
+    out, idx = OPS.ext_conv3x3_relu_maxpool2x2(x, wt, b, p)
+    assert (idx == 4).any() and (idx < 4).any()  # some windows masked by ReLU, some not
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(22))
+    fast = OPS.ext_conv3x3_relu_maxpool2x2_backward(g, idx, x.detach(), wt.detach(), p, True, True)
+    gen = OPS.ext_conv3x3_relu_maxpool2x2_backward(
+        g.double(), idx, x.detach().double(), wt.detach().double(), p, True, True
+    )
+    for a, c, what in zip(fast, gen, ("grad_x", "grad_w", "grad_b")):
+        _close(a.double(), c, torch.float32, what)
+    only_w = OPS.ext_conv3x3_relu_maxpool2x2_backward(g, idx, x.detach(), wt.detach(), p, False, True)
+    only_x = OPS.ext_conv3x3_relu_maxpool2x2_backward(g, idx, x.detach(), wt.detach(), p, True, False)
+    assert torch.equal(only_w[1], fast[1]) and torch.equal(only_w[2], fast[2]) and torch.equal(only_x[0], fast[0])
+
+
 # --- torch.library.opcheck on every registered op (CPU) -------------------------------
 def _opcheck_samples():
     x, w, b = _conv_inputs(3, 2, 4, 8, 7, torch.float32, "cpu", seed=9)
