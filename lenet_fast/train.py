@@ -34,7 +34,7 @@ DEFAULTS = {
     "seed": 0,
     "limit_train": None,
     "limit_test": None,
-    "weight_decay": 0.0,
+    "weight_decay": 5e-4,
 }
 DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
 # Hyperparameters that a resumed run must keep, or it would not be the same run.
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=None,
                    help=f"peak learning rate, cosine-annealed to 0 (default sgd {DEFAULT_LR['sgd']}, adam {DEFAULT_LR['adam']})")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="(default sgd, Nesterov momentum 0.9); both fused")
-    p.add_argument("--weight-decay", type=float, default=None, help="(default 0)")
+    p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty (default 5e-4)")
     p.add_argument("--seed", type=int, default=None, help=f"(default {DEFAULTS['seed']})")
     p.add_argument("--limit-train", type=_positive_int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=_positive_int, default=None,
