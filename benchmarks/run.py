@@ -77,7 +77,7 @@ def bench_ops(device: torch.device, names: list[str], *, threads: int, quick: bo
 def bench_end_to_end(device: torch.device, names: list[str], *, epochs: int, data_root) -> tuple[list[dict], str]:
     try:
         train_set, test_set = data.load("mnist", data_root, device=device, download=False)
-        source = f"MNIST from {data_root}"
+        source = "real MNIST"
     except data.DatasetError as exc:
         # Timing still means something on random data; accuracy does not.
         print(f"benchmarks.run: no MNIST ({exc.__class__.__name__}); timing on random data, accuracy meaningless",
