@@ -74,7 +74,8 @@ def bench_ops(device: torch.device, names: list[str], *, threads: int, quick: bo
     return rows
 
 
-def bench_end_to_end(device: torch.device, names: list[str], *, epochs: int, data_root) -> tuple[list[dict], str]:
+def bench_end_to_end(device: torch.device, names: list[str], *, epochs: int, data_root,
+                     on_row=lambda rows, source: None) -> tuple[list[dict], str]:
     try:
         train_set, test_set = data.load("mnist", data_root, device=device, download=False)
         source = "real MNIST"
@@ -93,13 +94,12 @@ def bench_end_to_end(device: torch.device, names: list[str], *, epochs: int, dat
             continue
         row = end_to_end.run(contender, train_set, test_set, epochs=epochs, device=device, data_root=data_root)
         rows.append(row)
+        row["speedup_vs_stock_eager"] = rows[0]["best_epoch_seconds"] / row["best_epoch_seconds"]
+        on_row(rows, source)
         print(f"{row['name']:44} epoch {row['best_epoch_seconds']:7.2f} s  {row['images_per_second']:9,.0f} img/s  "
               f"step {row['step_us']:8.0f} us  warm-up {row['warmup_seconds']:6.1f} s  "
               f"inference {row['inference_images_per_second']:9,.0f} img/s  acc {100 * row['test_accuracy']:.2f}%",
               flush=True)
-    stock = next(r for r in rows if r["name"] == "stock eager")
-    for row in rows:
-        row["speedup_vs_stock_eager"] = stock["best_epoch_seconds"] / row["best_epoch_seconds"]
     return rows, source
 
 
@@ -200,14 +200,24 @@ def main(argv=None) -> int:
         "quick": args.quick,
     }
     print(f"benchmarks.run: {result['machine']['device_name']}, backends {names}, threads {threads}", flush=True)
+
+    def save() -> None:  # after every section and row, so a run cut short keeps what it measured
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_markdown(result, out / "results.md")
+
     if "ops" not in args.skip:
         result["ops"] = bench_ops(device, names, threads=threads, quick=args.quick)
+        save()
     if "end-to-end" not in args.skip:
         epochs = args.epochs or (1 if args.quick else 2)
         root = args.data_dir or data.default_data_dir()
-        result["end_to_end"], result["end_to_end_data"] = bench_end_to_end(device, names, epochs=epochs, data_root=root)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, out / "results.md")
+
+        def on_row(rows, source):
+            result["end_to_end"], result["end_to_end_data"] = rows, source
+            save()
+
+        bench_end_to_end(device, names, epochs=epochs, data_root=root, on_row=on_row)
+    save()
     plot(result, out / "speedup.png")
     print(f"benchmarks.run: wrote {out}/results.json, results.md, speedup.png")
     return 0

@@ -25,7 +25,7 @@ def test_end_to_end_rows_and_reports(tmp_path):
             for c in end_to_end.contenders(device, {"ext"} & set(run.fast_backends(device)))
             if c.compile_mode is None]
     names = [r["name"] for r in rows]
-    assert names[:3] == ["stock eager", "stock eager + fused SGD", "stock eager, seed DataLoader"]
+    assert names[:2] == ["stock eager", "stock eager + fused SGD"] and "stock eager, seed DataLoader" in names
     for r in rows:
         assert r["best_epoch_seconds"] > 0 and r["images_per_second"] > 0 and 0 <= r["test_accuracy"] <= 1
         r["speedup_vs_stock_eager"] = rows[0]["best_epoch_seconds"] / r["best_epoch_seconds"]
