@@ -214,6 +214,42 @@ def test_first_layer_skips_input_grad():
     assert gx.numel() == 0 and gw.shape == wt.shape and gb.shape == b.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "shape",
+    # (N, Cout, H, W, padding): LeNet conv1; pooled width a multiple of the vector
+    # width with an odd conv width (19 -> 17 -> 8); odd sizes; padding 1; tiny.
+    [(4, 6, 28, 28, 0), (3, 5, 12, 19, 0), (2, 3, 9, 18, 1), (2, 7, 11, 35, 1), (1, 1, 4, 4, 0)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_fused_forward_cin1_path_matches_channels_last_path(shape, dtype):
+    # Cin == 1 takes the pixel-vectorised CPU forward (fused_forward_cin1 in
+    # csrc/cpu_fused.h); adding a second, all-zero input channel with zero
+    # weights sends the same conv through the channels-last engine with the
+    # same per-output summation order (the extra terms add +0).  Values and
+    # winner codes must be bit-identical, including ties and NaN windows.
+    n, cout, h, w, p = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, h, w, generator=g, dtype=dtype)
+    x[0, 0, h // 2, w // 2] = float("nan")
+    x[-1, 0, 0, :3] = float("nan")
+    x[-1, 0, h - 1, w - 2 :] = 0.0  # zero region: ties at the bias, masked windows
+    wt = torch.randn(cout, 1, 3, 3, generator=g, dtype=dtype) / 3
+    wt[0] = 0.0  # channel 0: every window a tie at its bias
+    b = torch.randn(cout, generator=g, dtype=dtype) * 0.1
+    b[0] = 0.0 if cout == 1 else 0.25
+    x2 = torch.cat([x, torch.zeros_like(x)], 1)
+    w2 = torch.cat([wt, torch.zeros_like(wt)], 1)
+    for bias in (b, None):
+        out1, idx1 = OPS.ext_conv3x3_relu_maxpool2x2(x, wt, bias, p)
+        out2, idx2 = OPS.ext_conv3x3_relu_maxpool2x2(x2, w2, bias, p)
+        assert torch.equal(idx1, idx2)
+        assert torch.equal(out1.isnan(), out2.isnan())
+        assert torch.equal(out1.nan_to_num(), out2.nan_to_num())
+        assert torch.equal(out1.signbit(), out2.signbit())
+        torch.testing.assert_close(out1, ref_fused(x, wt, bias, p), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "shape",
     [(5, 1, 6, 28, 28, 1), (9, 6, 16, 13, 13, 0), (3, 8, 3, 7, 9, 1), (1, 2, 5, 10, 9, 0), (2, 5, 7, 11, 8, 1)],
