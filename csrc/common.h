@@ -7,6 +7,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -84,5 +85,31 @@ template <typename T>
 inline const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
+
+// Gradient buffers of a conv backward: (grad_x, grad_w, grad_b), each empty when not wanted.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_grad_buffers(const ConvArgs& a, bool input_grad,
+                                                                        bool weight_grad) {
+  return {input_grad ? at::empty_like(a.x) : empty0(a.x), weight_grad ? at::empty_like(a.w) : empty0(a.x),
+          weight_grad ? at::empty({a.Cout}, a.x.options()) : empty0(a.x)};
+}
+
+#ifdef LENET_FAST_WITH_CUDA
+// Weight and bias gradients on CUDA, deterministically: `launch_partial(partial, nchunks)`
+// writes one row of (Cout * (Cin*9 + 1)) partial sums per chunk of images; the rows are
+// then summed in chunk order by one more kernel (no float atomics anywhere).
+template <typename scalar_t, typename LaunchPartial>
+void cuda_weight_grad(const ConvArgs& a, at::Tensor& gw, at::Tensor& gb, LaunchPartial launch_partial) {
+  const int64_t nchunks = ceil_div(a.N, cuda::kBatchChunkCuda);
+  at::Tensor partial = at::empty({std::max<int64_t>(nchunks, 1) * a.Cout * (a.Cin * 9 + 1)}, a.x.options());
+  if (nchunks > 0) {
+    launch_partial(partial.mutable_data_ptr<scalar_t>(), nchunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  cuda::launch_reduce_partials<scalar_t>(partial.const_data_ptr<scalar_t>(), nchunks, a.Cout, a.Cin,
+                                         gw.mutable_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>(),
+                                         LF_CUDA_STREAM());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 }  // namespace lenet_fast

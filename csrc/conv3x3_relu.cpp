@@ -53,9 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_bwd(const at::Tensor
   check_same(a.x, out_, "out");
   const at::Tensor g = g_.contiguous();
   const at::Tensor out = out_.contiguous();
-  at::Tensor gx = input_grad ? at::empty_like(a.x) : empty0(a.x);
-  at::Tensor gw = weight_grad ? at::empty_like(a.w) : empty0(a.x);
-  at::Tensor gb = weight_grad ? at::empty({a.Cout}, a.x.options()) : empty0(a.x);
+  auto [gx, gw, gb] = conv_grad_buffers(a, input_grad, weight_grad);
   require_cuda_build(a.x);
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "ext_conv3x3_relu_backward", [&] {
 #ifdef LENET_FAST_WITH_CUDA
@@ -69,19 +67,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_bwd(const at::Tensor
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (weight_grad) {
-        const int64_t nchunks = ceil_div(a.N, cuda::kBatchChunkCuda);
-        at::Tensor partial = at::empty({std::max<int64_t>(nchunks, 1) * a.Cout * (a.Cin * 9 + 1)}, a.x.options());
-        if (nchunks > 0) {
+        cuda_weight_grad<scalar_t>(a, gw, gb, [&](scalar_t* partial, int64_t nchunks) {
           cuda::launch_conv_relu_bwd_weight_partial<scalar_t>(g.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-                                                         a.x.const_data_ptr<scalar_t>(),
-                                                         partial.mutable_data_ptr<scalar_t>(), d, nchunks,
-                                                         LF_CUDA_STREAM());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        cuda::launch_reduce_partials<scalar_t>(partial.const_data_ptr<scalar_t>(), nchunks, a.Cout, a.Cin,
-                                               gw.mutable_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>(),
-                                               LF_CUDA_STREAM());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                   a.x.const_data_ptr<scalar_t>(), partial, d, nchunks,
+                                                   LF_CUDA_STREAM());
+        });
       }
       return;
     }

@@ -54,9 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_bwd(const
   check_same(a.x, g_, "grad_out");
   const at::Tensor g = g_.contiguous();
   const at::Tensor idx = idx_.contiguous();
-  at::Tensor gx = input_grad ? at::empty_like(a.x) : empty0(a.x);
-  at::Tensor gw = weight_grad ? at::empty_like(a.w) : empty0(a.x);
-  at::Tensor gb = weight_grad ? at::empty({a.Cout}, a.x.options()) : empty0(a.x);
+  auto [gx, gw, gb] = conv_grad_buffers(a, input_grad, weight_grad);
   require_cuda_build(a.x);
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "ext_conv3x3_relu_maxpool2x2_backward", [&] {
 #ifdef LENET_FAST_WITH_CUDA
@@ -70,19 +68,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_bwd(const
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (weight_grad) {
-        const int64_t nchunks = ceil_div(a.N, cuda::kBatchChunkCuda);
-        at::Tensor partial = at::empty({std::max<int64_t>(nchunks, 1) * a.Cout * (a.Cin * 9 + 1)}, a.x.options());
-        if (nchunks > 0) {
-          cuda::launch_conv_relu_pool_bwd_weight_partial<scalar_t>(g.const_data_ptr<scalar_t>(),
-                                                         idx.const_data_ptr<uint8_t>(), a.x.const_data_ptr<scalar_t>(),
-                                                         partial.mutable_data_ptr<scalar_t>(), d, nchunks,
-                                                         LF_CUDA_STREAM());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-        cuda::launch_reduce_partials<scalar_t>(partial.const_data_ptr<scalar_t>(), nchunks, a.Cout, a.Cin,
-                                               gw.mutable_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>(),
-                                               LF_CUDA_STREAM());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        cuda_weight_grad<scalar_t>(a, gw, gb, [&](scalar_t* partial, int64_t nchunks) {
+          cuda::launch_conv_relu_pool_bwd_weight_partial<scalar_t>(g.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(),
+                                                   a.x.const_data_ptr<scalar_t>(), partial, d, nchunks,
+                                                   LF_CUDA_STREAM());
+        });
       }
       return;
     }
