@@ -195,6 +195,20 @@ def pool_update(best, best_pos, v, pos: tl.constexpr):
 
 
 @triton.jit
+def split_pixel(p, H, W):
+    """Flat pixel index p over (n, y, x) of an (H, W) plane -> (n, r, y, x).
+
+    n stays int64 (p can pass 2**31 across a large batch); r = y*W + x, the offset
+    inside one image's plane, fits in int32, and so do y and x.
+    """
+    n = p // (H * W)
+    r = (p - n * (H * W)).to(tl.int32)
+    y = r // W
+    x = r - y * W
+    return n, r, y, x
+
+
+@triton.jit
 def im2col_3x3(x_ptr, img_base, oh, ow, valid_p, j, C, H, W, PAD: tl.constexpr):
     """The [len(j), len(oh)] im2col tile of a 3x3 convolution.
 

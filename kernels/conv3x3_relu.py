@@ -26,6 +26,7 @@ from ._common import (
     reduction_split,
     relu,
     relu_grad,
+    split_pixel,
 )
 
 
@@ -40,10 +41,7 @@ def conv3x3_relu_fwd_kernel(
     pixels [i*BLOCK_P, +BLOCK_P) of the flattened (n, oh, ow) axis."""
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid_p = p < n_pix
-    n = p // (OH * OW)
-    r = (p - n * (OH * OW)).to(tl.int32)
-    oh = r // OW
-    ow = r - oh * OW
+    n, r, oh, ow = split_pixel(p, OH, OW)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     valid_co = co < C_out
 
@@ -85,10 +83,7 @@ def conv3x3_relu_bwd_weight_kernel(
     p = first.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     for _ in range(first, last):
         valid_p = p < n_pix
-        n = p // (OH * OW)
-        r = (p - n * (OH * OW)).to(tl.int32)
-        oh = r // OW
-        ow = r - oh * OW
+        n, r, oh, ow = split_pixel(p, OH, OW)
         g_offs = (n * C_out * (OH * OW) + r)[None, :] + (co * (OH * OW))[:, None]
         g_mask = valid_co[:, None] & valid_p[None, :]
         g = tl.load(grad_ptr + g_offs, mask=g_mask, other=0.0)
@@ -121,10 +116,7 @@ def conv3x3_relu_bwd_input_kernel(
     """
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid_p = p < n_pix
-    n = p // (H * W)
-    r = (p - n * (H * W)).to(tl.int32)
-    ih = r // W
-    iw = r - ih * W
+    n, r, ih, iw = split_pixel(p, H, W)
     ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     valid_ci = ci < C_in
     grad_img = n * C_out * (OH * OW)

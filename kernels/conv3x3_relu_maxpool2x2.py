@@ -32,6 +32,7 @@ from ._common import (
     reduction_split,
     relu,
     relu_grad,
+    split_pixel,
 )
 
 
@@ -63,10 +64,7 @@ def conv3x3_relu_maxpool2x2_fwd_kernel(
     [i*BLOCK_P, +BLOCK_P) of the flattened (n, ph, pw) axis."""
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid_p = p < n_pix
-    n = p // (PH * PW)
-    r = (p - n * (PH * PW)).to(tl.int32)
-    ph = r // PW
-    pw = r - ph * PW
+    n, r, ph, pw = split_pixel(p, PH, PW)
     co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     valid_co = co < C_out
     img_base = n * (C_in * H * W)
@@ -116,10 +114,7 @@ def conv3x3_relu_maxpool2x2_bwd_weight_kernel(
     p = first.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     for _ in range(first, last):
         valid_p = p < n_pix
-        n = p // (PH * PW)
-        r = (p - n * (PH * PW)).to(tl.int32)
-        ph = r // PW
-        pw = r - ph * PW
+        n, r, ph, pw = split_pixel(p, PH, PW)
         offs = (n * C_out * (PH * PW) + r)[None, :] + (co * (PH * PW))[:, None]
         mask = valid_co[:, None] & valid_p[None, :]
         gm = relu_grad(tl.load(grad_ptr + offs, mask=mask, other=0.0), tl.load(out_ptr + offs, mask=mask, other=0.0))
@@ -155,10 +150,7 @@ def conv3x3_relu_maxpool2x2_bwd_input_kernel(
     """
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid_p = p < n_pix
-    n = p // (H * W)
-    r = (p - n * (H * W)).to(tl.int32)
-    ih = r // W
-    iw = r - ih * W
+    n, r, ih, iw = split_pixel(p, H, W)
     ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     valid_ci = ci < C_in
     pooled_img = n * C_out * (PH * PW)
