@@ -1,22 +1,20 @@
-// CPU forward of the fused conv3x3 + bias + ReLU + max-pool 2x2 op.  Raw
-// pointers, no torch types; threads come from at::parallel_for.
-//
-// Layout: each image is first copied into a zero-padded CHANNELS-LAST buffer
-// xcl[iy][ix][ci] (padded height Hpad, width Wpad).
+// CPU forward and backward of the fused conv3x3 + bias + ReLU + max-pool 2x2
+// op.  Raw pointers, no torch types; threads come from at::parallel_for.
 //
 // The forward vectorises over OUTPUT CHANNELS.  One pooled output (py, px) needs
-//   the 4x4 input window starting at padded (2py, 2px); each input value is
-//   broadcast and multiplied into the four conv outputs of the pool window
-//   (dy, dx) it feeds, each a vector of output channels.  The 4 x (2 vectors)
-//   accumulators stay in registers, no conv tile is written, and the ReLU + pool
-//   + winner code is elementwise over the accumulators.
+//   the 4x4 input window starting at padded (2py, 2px) of every input channel,
+//   read in place from NCHW (a zero-bordered copy per image when padding = 1);
+//   each input value is broadcast and multiplied into the four conv outputs of
+//   the pool window (dy, dx) it feeds, each a vector of output channels.  The
+//   4 x (2 vectors) accumulators stay in registers, no conv tile is written, and
+//   the ReLU + pool + winner code is elementwise over the accumulators.
 // A single input channel (LeNet's conv1) takes fused_forward_cin1 instead,
 // vectorised over pooled output columns (see there).
 //
-// The backward (fused_backward_winners below) works on the same channels-last
-// copy but touches only the pool WINNERS (1 in 4 conv outputs, fewer where ReLU
-// blocks): see the comment there.  Shapes it does not handle go through the
-// dense engine of cpu_conv.h.
+// The backward (fused_backward_winners below) works on a channels-last copy of
+// the input and touches only the pool WINNERS (1 in 4 conv outputs, fewer where
+// ReLU blocks): see the comment there.  Shapes it does not handle go through
+// the dense engine of cpu_conv.h.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -47,30 +45,16 @@ struct FusedGeom {
   }
 };
 
-// Copy image x (Cin x H x W, NCHW) into the interior of the channels-last padded
-// buffer xcl (Hpad x Wpad x Cin).  The border is not written: callers zero the
-// buffer once and it stays zero.
-template <typename T>
-inline void pack_image_cl(const T* __restrict x, T* __restrict xcl, const FusedGeom& g) {
-  for (int64_t ci = 0; ci < g.Cin; ++ci)
-    for (int64_t iy = 0; iy < g.H; ++iy) {
-      const T* src = x + (ci * g.H + iy) * g.W;
-      T* dst = xcl + ((iy + g.pad) * g.Wpad + g.pad) * g.Cin + ci;
-      for (int64_t ix = 0; ix < g.W; ++ix) dst[ix * g.Cin] = src[ix];
-    }
-}
-
 // Accumulators of one pooled output for a block of NB vectors of output
 // channels: acc[d][j], d = pool_code(dy, dx), j over NB*V channels.  The 36
 // (tap, window position) pairs are fully unrolled; each weight vector is
 // loaded once per (ci, tap) and used for the four window positions.
 template <typename T, int NB>
-inline void fused_fwd_block(const T* __restrict xw, const T* __restrict wf, const T* __restrict bias, T* __restrict best,
-                            typename std::conditional_t<sizeof(T) == 8, int64_t, int32_t>* __restrict code,
-                            const FusedGeom& g) {
+inline void fused_fwd_block(const T* __restrict xw, int64_t cs, int64_t rs, int64_t Cin, int64_t Cp,
+                            const T* __restrict wf, const T* __restrict bias, T* __restrict best,
+                            typename std::conditional_t<sizeof(T) == 8, int64_t, int32_t>* __restrict code) {
   using I = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;  // same lane width as T
   constexpr int J = NB * Lanes<T>::L1;
-  const int64_t Cin = g.Cin, Cp = g.Cp, rs = g.Wpad * Cin;  // rs: padded row stride of xcl
   // Zero-initialised (bias added in the epilogue): GCC then keeps acc in
   // registers; initialising from `bias` made it build acc on the stack with
   // half-width stores, and the full-width reloads stalled on store forwarding.
@@ -81,7 +65,7 @@ inline void fused_fwd_block(const T* __restrict xw, const T* __restrict wf, cons
     for (int j = 0; j < J; ++j) acc[d][j] = T(0);
   }
   for (int64_t ci = 0; ci < Cin; ++ci) {
-    const T* xc = xw + ci;
+    const T* xc = xw + ci * cs;
     LF_UNROLL
     for (int ky = 0; ky < 3; ++ky) {
       LF_UNROLL
@@ -91,7 +75,7 @@ inline void fused_fwd_block(const T* __restrict xw, const T* __restrict wf, cons
         for (int dy = 0; dy < 2; ++dy) {
           LF_UNROLL
           for (int dx = 0; dx < 2; ++dx) {
-            const T xv = xc[(dy + ky) * rs + (dx + kx) * Cin];
+            const T xv = xc[(dy + ky) * rs + dx + kx];
             LF_SIMD
             for (int j = 0; j < J; ++j) acc[dy * 2 + dx][j] += wv[j] * xv;
           }
@@ -128,11 +112,12 @@ inline void fused_fwd_block(const T* __restrict xw, const T* __restrict wf, cons
 // every tap is a contiguous, unit-stride load of V values at offset px or px+1
 // of one plane; the weights are scalars held in registers.  A block is B = 2V
 // pooled columns (LeNet conv1: Wp = 13 -> one block): 8 independent accumulator
-// vectors, so more of the 9-FMA chains per conv output overlap (measured ~12%
-// faster than B = V on LeNet conv1).  Pooled columns past
-// Wp read zeros/neighbours and are dropped.
+// vectors, so more of the 9-FMA chains per conv output overlap (B = V measured
+// twice as slow on LeNet conv1).  Pooled columns past Wp read zeros/neighbours;
+// the block is stored whole into the output row anyway, spilling into the next
+// row, which is written afterwards (see the store).
 //
-// Arithmetic per conv output is the same as the channels-last engine's:
+// Arithmetic per conv output is the same as the general engine's:
 // accumulate from 0 over taps in (ky, kx) order, then + bias, ReLU, pool4 and
 // fused_code (index_math.h), so values and codes are identical.
 template <typename T>
@@ -149,12 +134,10 @@ void fused_forward_cin1(const T* x, const T* w, const T* b, T* out, uint8_t* idx
   const int64_t R = 2 * Hp + 2;        // padded input rows read
   at::parallel_for(0, s.N, 1, [&, Hp, Wp, P, Cout, Wv, Ws, R](int64_t n0, int64_t n1) {
     // (Sizes captured by value: through references GCC reloaded them after
-    // every uint8 store of the output loop, as such a store may alias them.)
+    // every uint8 store, as such a store may alias them.)
     // planes[par][iy][j]; zeroed once: the padding and the columns past the
     // image are never written.
     std::vector<T> planes(2 * R * Ws, T(0));
-    std::vector<T> vbest(Wv);
-    std::vector<I> vcode(Wv);
     for (int64_t n = n0; n < n1; ++n) {
       const T* xn = x + n * s.H * s.W;
       // Padded column c = 2j + par holds x column 2j + par - pad (pad is 0 or 1).
@@ -203,21 +186,49 @@ void fused_forward_cin1(const T* x, const T* w, const T* b, T* out, uint8_t* idx
               LF_SIMD
               for (int l = 0; l < B; ++l) acc[d][l] = relu(acc[d][l] + bias);
             }
-            LF_SIMD
-            for (int l = 0; l < B; ++l) {
-              const PoolResult<T, I> p = pool4<T, I>(acc[0][l], acc[1][l], acc[2][l], acc[3][l]);
-              vbest[px + l] = p.best;
-              vcode[px + l] = fused_code<T, I>(p.code, p.best);
+            // Written straight into the output row.  A block may run past the
+            // row's end into the next row, which is written later by this same
+            // loop; only a block that would run past this image's outputs (the
+            // last row of the last channel) stores lane by lane.
+            T* orow = o + py * Wp + px;
+            uint8_t* irow = id + py * Wp + px;
+            if (co * P + py * Wp + px + B <= Cout * P) {
+              // Two loops: with the uint8 store in the first, GCC vectorised it
+              // at 128 bits and spilled.
+              I code[B];
+              LF_SIMD
+              for (int l = 0; l < B; ++l) {
+                const PoolResult<T, I> p = pool4<T, I>(acc[0][l], acc[1][l], acc[2][l], acc[3][l]);
+                orow[l] = p.best;
+                code[l] = fused_code<T, I>(p.code, p.best);
+              }
+              LF_SIMD
+              for (int l = 0; l < B; ++l) irow[l] = static_cast<uint8_t>(code[l]);
+            } else {
+              for (int l = 0; l < B && px + l < Wp; ++l) {
+                const PoolResult<T, I> p = pool4<T, I>(acc[0][l], acc[1][l], acc[2][l], acc[3][l]);
+                orow[l] = p.best;
+                irow[l] = static_cast<uint8_t>(fused_code<T, I>(p.code, p.best));
+              }
             }
-          }
-          for (int64_t px = 0; px < Wp; ++px) {
-            o[py * Wp + px] = vbest[px];
-            id[py * Wp + px] = static_cast<uint8_t>(vcode[px]);
           }
         }
       }
     }
   });
+}
+
+// One image's tile [pos][co] (row stride Cp) -> its NCHW output and codes.
+// Its own function so that the sizes are locals and the pointers restrict:
+// otherwise GCC reloads both after every uint8 store, which may alias them.
+template <typename T, typename I>
+inline void store_tile_nchw(const T* __restrict tb, const I* __restrict tc, int64_t Cp, int64_t Cout, int64_t P,
+                            T* __restrict out, uint8_t* __restrict idx) {
+  for (int64_t co = 0; co < Cout; ++co)
+    for (int64_t pos = 0; pos < P; ++pos) {
+      out[co * P + pos] = tb[pos * Cp + co];
+      idx[co * P + pos] = static_cast<uint8_t>(tc[pos * Cp + co]);
+    }
 }
 
 // Forward: out (N, Cout, Hp, Wp) and idx (uint8 winner codes, kPoolMasked where
@@ -235,34 +246,37 @@ void fused_forward(const T* x, const T* w, const T* b, T* out, uint8_t* idx, con
     for (int64_t ci = 0; ci < g.Cin; ++ci)
       for (int t = 0; t < 9; ++t) wf[(t * g.Cin + ci) * g.Cp + co] = w[(co * g.Cin + ci) * 9 + t];
   if (b != nullptr) std::copy(b, b + g.Cout, bp.begin());
-  const int64_t P = g.Hp * g.Wp;  // pooled outputs per channel
+  const int64_t Cin = g.Cin, Cout = g.Cout, Cp = g.Cp, Hp = g.Hp, Wp = g.Wp, P = Hp * Wp;
+  const int64_t H = g.H, W = g.W, pad = g.pad, Hpad = g.Hpad, Wpad = g.Wpad;
   at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<T> xcl(g.Hpad * g.Wpad * g.Cin, T(0));  // border zeroed once
-    std::vector<T> tb(P * g.Cp);                         // pooled values [pos][co]
-    std::vector<I> tc(P * g.Cp);                         // winner codes [pos][co]
+    // With padding, each image is copied into a zero-bordered buffer (border
+    // zeroed once); without, the kernel reads x in place.
+    std::vector<T> xpad(pad != 0 ? Cin * Hpad * Wpad : 0, T(0));
+    std::vector<T> tb(P * Cp);  // pooled values [pos][co]
+    std::vector<I> tc(P * Cp);  // winner codes [pos][co]
     for (int64_t n = n0; n < n1; ++n) {
-      pack_image_cl(x + n * g.Cin * g.H * g.W, xcl.data(), g);
-      for (int64_t py = 0; py < g.Hp; ++py)
-        for (int64_t px = 0; px < g.Wp; ++px) {
-          const T* xw = xcl.data() + (2 * py * g.Wpad + 2 * px) * g.Cin;  // top-left of the 4x4 window
-          const int64_t pos = py * g.Wp + px;
-          int64_t c0 = 0;
-          for (; c0 + 2 * V <= g.Cp; c0 += 2 * V)
-            fused_fwd_block<T, 2>(xw, wf.data() + c0, bp.data() + c0, tb.data() + pos * g.Cp + c0,
-                                  tc.data() + pos * g.Cp + c0, g);
-          if (c0 < g.Cp)
-            fused_fwd_block<T, 1>(xw, wf.data() + c0, bp.data() + c0, tb.data() + pos * g.Cp + c0,
-                                  tc.data() + pos * g.Cp + c0, g);
-        }
-      // Tile [pos][co] -> NCHW.
-      for (int64_t co = 0; co < g.Cout; ++co) {
-        T* o = out + (n * g.Cout + co) * P;
-        uint8_t* id = idx + (n * g.Cout + co) * P;
-        for (int64_t pos = 0; pos < P; ++pos) {
-          o[pos] = tb[pos * g.Cp + co];
-          id[pos] = static_cast<uint8_t>(tc[pos * g.Cp + co]);
-        }
+      const T* xn = x + n * Cin * H * W;
+      if (pad != 0) {
+        for (int64_t ci = 0; ci < Cin; ++ci)
+          for (int64_t iy = 0; iy < H; ++iy)
+            std::copy(xn + (ci * H + iy) * W, xn + (ci * H + iy + 1) * W,
+                      xpad.data() + (ci * Hpad + iy + pad) * Wpad + pad);
+        xn = xpad.data();
       }
+      const int64_t cs = Hpad * Wpad, rs = Wpad;
+      for (int64_t py = 0; py < Hp; ++py)
+        for (int64_t px = 0; px < Wp; ++px) {
+          const T* xw = xn + 2 * py * rs + 2 * px;  // top-left of the 4x4 window, channel 0
+          const int64_t pos = py * Wp + px;
+          int64_t c0 = 0;
+          for (; c0 + 2 * V <= Cp; c0 += 2 * V)
+            fused_fwd_block<T, 2>(xw, cs, rs, Cin, Cp, wf.data() + c0, bp.data() + c0, tb.data() + pos * Cp + c0,
+                                  tc.data() + pos * Cp + c0);
+          if (c0 < Cp)
+            fused_fwd_block<T, 1>(xw, cs, rs, Cin, Cp, wf.data() + c0, bp.data() + c0, tb.data() + pos * Cp + c0,
+                                  tc.data() + pos * Cp + c0);
+        }
+      store_tile_nchw(tb.data(), tc.data(), Cp, Cout, P, out + n * Cout * P, idx + n * Cout * P);
     }
   });
 }

@@ -16,7 +16,8 @@ from test_op_conv3x3_relu import conv_inputs
 # (N, C_in, H, W, C_out, padding): LeNet's two stages at batch 64, then batch 1 with the
 # smallest image that pools (4x4), odd sizes whose last conv row/column is dropped by
 # the floor-mode pooling, padding 1 (a 3x3 image pools to 1x1), C_out 1, 64 channels,
-# and an empty batch.
+# an image wide enough that one pooled row spans two vector blocks of the CPU kernel
+# (17 pooled columns), and an empty batch.
 SHAPES = [
     (64, 1, 28, 28, 6, 0),
     (64, 6, 13, 13, 16, 0),
@@ -26,6 +27,7 @@ SHAPES = [
     (1, 2, 3, 3, 2, 1),
     (2, 1, 5, 5, 1, 1),
     (1, 64, 4, 5, 64, 1),
+    (2, 1, 36, 35, 3, 1),
     (0, 6, 13, 13, 16, 0),
 ]
 
