@@ -120,6 +120,27 @@ inline void fused_fwd_block(const T* __restrict xw, int64_t cs, int64_t rs, int6
 // Arithmetic per conv output is the same as the general engine's:
 // accumulate from 0 over taps in (ky, kx) order, then + bias, ReLU, pool4 and
 // fused_code (index_math.h), so values and codes are identical.
+// Column planes of a single-channel image for the Cin = 1 kernels:
+// planes[par][iy][j] = padded image at (iy, 2j + par), par = 0 (EVEN) or 1
+// (ODD), for the first R padded rows; plane row stride Ws.  Only the image's
+// pixels are written: the caller zeroes the buffer once (padding, and columns
+// past the image, stay zero).
+struct Cin1Planes {
+  int64_t R, Ws;
+};
+
+template <typename T>
+inline void build_column_planes(const T* __restrict xn, T* __restrict planes, const ConvShape& s, Cin1Planes p) {
+  // Padded column c = 2j + par holds x column 2j + par - pad (pad is 0 or 1).
+  for (int64_t iy = s.pad; iy < std::min<int64_t>(p.R, s.H + s.pad); ++iy)
+    for (int64_t par = 0; par < 2; ++par) {
+      const T* src = xn + (iy - s.pad) * s.W + par - s.pad;
+      T* dst = planes + (par * p.R + iy) * p.Ws;
+      const int64_t j0 = par < s.pad ? 1 : 0, j1 = (s.W - 1 + s.pad - par) / 2 + 1;
+      for (int64_t j = j0; j < j1; ++j) dst[j] = src[2 * j];
+    }
+}
+
 template <typename T>
 void fused_forward_cin1(const T* x, const T* w, const T* b, T* out, uint8_t* idx, const ConvShape& s) {
   using I = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
@@ -135,19 +156,9 @@ void fused_forward_cin1(const T* x, const T* w, const T* b, T* out, uint8_t* idx
   at::parallel_for(0, s.N, 1, [&, Hp, Wp, P, Cout, Wv, Ws, R](int64_t n0, int64_t n1) {
     // (Sizes captured by value: through references GCC reloaded them after
     // every uint8 store, as such a store may alias them.)
-    // planes[par][iy][j]; zeroed once: the padding and the columns past the
-    // image are never written.
-    std::vector<T> planes(2 * R * Ws, T(0));
+    std::vector<T> planes(2 * R * Ws, T(0));  // see build_column_planes
     for (int64_t n = n0; n < n1; ++n) {
-      const T* xn = x + n * s.H * s.W;
-      // Padded column c = 2j + par holds x column 2j + par - pad (pad is 0 or 1).
-      for (int64_t iy = g.pad; iy < std::min<int64_t>(R, s.H + g.pad); ++iy)
-        for (int64_t par = 0; par < 2; ++par) {
-          const T* src = xn + (iy - g.pad) * s.W + par - g.pad;
-          T* dst = planes.data() + (par * R + iy) * Ws;
-          const int64_t j0 = par < g.pad ? 1 : 0, j1 = (s.W - 1 + g.pad - par) / 2 + 1;
-          for (int64_t j = j0; j < j1; ++j) dst[j] = src[2 * j];
-        }
+      build_column_planes(x + n * s.H * s.W, planes.data(), s, {R, Ws});
       for (int64_t co = 0; co < Cout; ++co) {
         T wk[9];
         for (int t = 0; t < 9; ++t) wk[t] = w[co * 9 + t];

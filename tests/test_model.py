@@ -32,6 +32,13 @@ def test_rejects_wrong_image_shape():
         LeNet(backend="torch")(torch.zeros(2, 3, 28, 28))
 
 
+def test_rejects_input_that_does_not_match_the_parameters():
+    with pytest.raises(ValueError, match=r"x is torch.float64 on cpu but the model's parameters are torch.float32"):
+        LeNet(backend="torch")(torch.zeros(2, 1, 28, 28, dtype=torch.float64))
+    with pytest.raises(TypeError, match="expects a torch.Tensor, got list"):
+        LeNet(backend="torch")([[0.0]])
+
+
 def test_same_seed_same_init_as_stock():
     torch.manual_seed(0)
     ours = LeNet().state_dict()
