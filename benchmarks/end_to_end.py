@@ -32,9 +32,10 @@ class Contender:
     compile_mode: str | None = None   # torch.compile mode ("default" = no mode argument)
     cuda_graph: bool = False
     seed_dataloader: bool = False     # the seed's torchvision Dataset + DataLoader + ToTensor feed
-    # lenet_fast trains with PyTorch's fused SGD (lenet_fast.optim); the stock rows use
-    # torch.optim.SGD's default, as a user would, and one stock row uses the fused one
-    # too, so the table shows what the optimizer alone is worth.
+    # lenet_fast trains with lenet_fast.optim.FusedSGD (PyTorch's fused SGD kernel with
+    # less Python per step); the stock rows use torch.optim.SGD's default, as a user
+    # would, and one stock row uses FusedSGD too, so the table shows what the optimizer
+    # alone is worth.
     fused_optimizer: bool = False
 
     def __post_init__(self):
