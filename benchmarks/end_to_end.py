@@ -94,78 +94,125 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(contender: Contender, train_set: data.DeviceData, test_set: data.DeviceData, *, epochs: int,
-        device: torch.device, data_root=None, limit: int | None = None) -> dict:
-    """Train `epochs` epochs; time each epoch's training loop, the warm-up, and inference.
+class Run:
+    """One contender's training run, advanced in segments so runs can be interleaved.
 
-    Warm-up (torch.compile's compilation, CUDA-graph capture, autotuning) runs
-    before the timed epochs and is reported on its own; its steps are undone, so
-    every contender trains from the same initial state.
+    Construction builds the model and optimizer and does the warm-up
+    (torch.compile's compilation, CUDA-graph capture), timed on its own; its
+    steps are undone, so every contender trains from the same initial state.
+    `epoch(e, segments)` is a generator that trains epoch e in `segments`
+    slices of steps, yielding between slices: `interleave` runs several
+    contenders' slices in turn, so a machine that speeds up or slows down during
+    the benchmark (a shared or throttled CPU) moves every row alike.  The epoch
+    time is the sum of its own slices.
     """
-    model = contender.make_model(device)
-    lr_tensor = torch.tensor(DEFAULT_LR["sgd"], device=device) if contender.cuda_graph else None
-    optimizer = contender.make_optimizer(model, DEFAULT_LR["sgd"] if lr_tensor is None else lr_tensor)
 
-    if contender.seed_dataloader:
-        loader = _seed_dataloader(data_root, limit)
-        batches_of: Callable[[int], object] = lambda epoch: ((x.to(device), y.to(device)) for x, y in loader)
-        steps_per_epoch = len(loader)
-    else:
-        batches_of = lambda epoch: train_set.batches(BATCH_SIZE, order=data.shuffle_order(len(train_set), SEED, epoch))
-        steps_per_epoch = train_set.num_batches(BATCH_SIZE)
-    total_steps = steps_per_epoch * epochs
+    def __init__(self, contender: Contender, train_set: data.DeviceData, test_set: data.DeviceData, *, epochs: int,
+                 device: torch.device, data_root=None, limit: int | None = None):
+        self.contender, self.train_set, self.test_set, self.device = contender, train_set, test_set, device
+        self.epochs = epochs
+        self.model = contender.make_model(device)
+        self.lr_tensor = torch.tensor(DEFAULT_LR["sgd"], device=device) if contender.cuda_graph else None
+        self.optimizer = contender.make_optimizer(
+            self.model, DEFAULT_LR["sgd"] if self.lr_tensor is None else self.lr_tensor)
+        if contender.seed_dataloader:
+            loader = _seed_dataloader(data_root, limit)
+            self.batches_of: Callable[[int], object] = lambda epoch: (
+                (x.to(device), y.to(device)) for x, y in loader)
+            self.steps_per_epoch = len(loader)
+        else:
+            self.batches_of = lambda epoch: train_set.batches(
+                BATCH_SIZE, order=data.shuffle_order(len(train_set), SEED, epoch))
+            self.steps_per_epoch = train_set.num_batches(BATCH_SIZE)
+        self.total_steps = self.steps_per_epoch * epochs
+        self.epoch_seconds: list[float] = []
+        self.images = 0
 
-    _sync(device)
-    started = time.perf_counter()
-    graphed = None
-    if contender.cuda_graph:
-        graphed = GraphedTrainStep(model, optimizer, BATCH_SIZE)
-    elif contender.compile_mode is not None:
-        snapshot = snapshot_training_state(model, optimizer)
-        x, y = train_set.images[:BATCH_SIZE], train_set.labels[:BATCH_SIZE]
-        for _ in range(3):  # reduce-overhead records its CUDA graphs after a couple of runs
-            train_step(model, optimizer, x, y)
-        restore_training_state(model, optimizer, snapshot)
-    _sync(device)
-    warmup_seconds = time.perf_counter() - started
-
-    epoch_seconds, images = [], 0
-    for epoch in range(epochs):
-        model.train()
-        images = 0
         _sync(device)
         started = time.perf_counter()
-        for step, (x, y) in enumerate(batches_of(epoch)):
-            lr = learning_rate({"lr": DEFAULT_LR["sgd"]}, epoch * steps_per_epoch + step, total_steps)
-            if graphed is not None:
-                if y.shape[0] != BATCH_SIZE:  # static shapes: the smaller last batch is dropped
-                    continue
-                lr_tensor.fill_(lr)
-                graphed.step(x, y)
-            else:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                train_step(model, optimizer, x, y)
-            images += y.shape[0]
+        self.graphed = None
+        if contender.cuda_graph:
+            self.graphed = GraphedTrainStep(self.model, self.optimizer, BATCH_SIZE)
+        elif contender.compile_mode is not None:
+            snapshot = snapshot_training_state(self.model, self.optimizer)
+            x, y = train_set.images[:BATCH_SIZE], train_set.labels[:BATCH_SIZE]
+            for _ in range(3):  # reduce-overhead records its CUDA graphs after a couple of runs
+                train_step(self.model, self.optimizer, x, y)
+            restore_training_state(self.model, self.optimizer, snapshot)
         _sync(device)
-        epoch_seconds.append(time.perf_counter() - started)
+        self.warmup_seconds = time.perf_counter() - started
 
-    _, test_accuracy, _ = evaluate(model, test_set)  # the first call also compiles the eval graph
-    _sync(device)
-    started = time.perf_counter()
-    evaluate(model, test_set)
-    _sync(device)
-    inference_seconds = time.perf_counter() - started
-    best = min(epoch_seconds)
-    return {
-        "name": contender.name,
-        "backend": contender.backend or "stock",
-        "epochs": epochs,
-        "epoch_seconds": epoch_seconds,
-        "best_epoch_seconds": best,
-        "images_per_second": images / best,
-        "step_us": 1e6 * best / steps_per_epoch,
-        "warmup_seconds": warmup_seconds,
-        "inference_images_per_second": len(test_set) / inference_seconds,
-        "test_accuracy": test_accuracy,
-    }
+    def epoch(self, epoch: int, segments: int = 1):
+        """Train epoch `epoch`, yielding after each of `segments` slices; records its time."""
+        self.model.train()
+        self.images, elapsed = 0, 0.0
+        slice_steps = -(-self.steps_per_epoch // segments)
+        batches = iter(enumerate(self.batches_of(epoch)))
+        done = False
+        while not done:
+            _sync(self.device)
+            started = time.perf_counter()
+            for _ in range(slice_steps):
+                item = next(batches, None)
+                if item is None:
+                    done = True
+                    break
+                step, (x, y) = item
+                self._train_step(epoch * self.steps_per_epoch + step, x, y)
+            _sync(self.device)
+            elapsed += time.perf_counter() - started
+            if not done:
+                yield
+        self.epoch_seconds.append(elapsed)
+
+    def _train_step(self, global_step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        lr = learning_rate({"lr": DEFAULT_LR["sgd"]}, global_step, self.total_steps)
+        if self.graphed is not None:
+            if y.shape[0] != BATCH_SIZE:  # static shapes: the smaller last batch is dropped
+                return
+            self.lr_tensor.fill_(lr)
+            self.graphed.step(x, y)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            train_step(self.model, self.optimizer, x, y)
+        self.images += y.shape[0]
+
+    def result(self) -> dict:
+        """Test accuracy and inference speed after training; the row of the results table."""
+        _, test_accuracy, _ = evaluate(self.model, self.test_set)  # the first call also compiles the eval graph
+        _sync(self.device)
+        started = time.perf_counter()
+        evaluate(self.model, self.test_set)
+        _sync(self.device)
+        inference_seconds = time.perf_counter() - started
+        best = min(self.epoch_seconds)
+        return {
+            "name": self.contender.name,
+            "backend": self.contender.backend or "stock",
+            "epochs": self.epochs,
+            "epoch_seconds": self.epoch_seconds,
+            "best_epoch_seconds": best,
+            "images_per_second": self.images / best,
+            "step_us": 1e6 * best / self.steps_per_epoch,
+            "warmup_seconds": self.warmup_seconds,
+            "inference_images_per_second": len(self.test_set) / inference_seconds,
+            "test_accuracy": test_accuracy,
+        }
+
+
+def interleave(runs: list[Run], epoch: int, segments: int) -> None:
+    """Epoch `epoch` of every run, their slices taken in turn."""
+    pending = [run.epoch(epoch, segments) for run in runs]
+    while pending:
+        pending = [g for g in pending if next(g, StopIteration) is not StopIteration]
+
+
+def run(contender: Contender, train_set: data.DeviceData, test_set: data.DeviceData, *, epochs: int,
+        device: torch.device, data_root=None, limit: int | None = None) -> dict:
+    """Train one contender alone for `epochs` epochs; its results row."""
+    r = Run(contender, train_set, test_set, epochs=epochs, device=device, data_root=data_root, limit=limit)
+    for epoch in range(epochs):
+        for _ in r.epoch(epoch):
+            pass
+    return r.result()

@@ -50,6 +50,24 @@ def test_same_seed_gives_stock_and_lenet_fast_torch_the_same_training():
     assert stock["test_accuracy"] == ours["test_accuracy"] == fused["test_accuracy"]
 
 
+def test_interleaved_runs_train_exactly_as_runs_alone():
+    """Slicing epochs and taking turns must change the timing only, never the training."""
+    g = torch.Generator().manual_seed(1)
+    split = data.DeviceData(torch.randn(200, 1, 28, 28, generator=g), torch.randint(0, 10, (200,), generator=g))
+    contenders = [end_to_end.Contender("stock eager"), end_to_end.Contender("lenet_fast torch", backend="torch")]
+    device = torch.device("cpu")
+    runs = [end_to_end.Run(c, split, split, epochs=2, device=device) for c in contenders]
+    for epoch in range(2):
+        end_to_end.interleave(runs, epoch, segments=3)  # 4 batches per epoch: slices of 2, 2 and 0
+    for r, c in zip(runs, contenders):
+        alone = end_to_end.Run(c, split, split, epochs=2, device=device)
+        for epoch in range(2):
+            for _ in alone.epoch(epoch):
+                pass
+        assert len(r.epoch_seconds) == 2 and r.images == alone.images == 200
+        assert all(torch.equal(p, q) for p, q in zip(r.model.parameters(), alone.model.parameters()))
+
+
 def test_op_cases_cover_every_op_and_run():
     assert {c.op for c in op_cases.CASES} == {"conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear"}
     for case in op_cases.CASES:
