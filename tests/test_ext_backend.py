@@ -344,15 +344,30 @@ def test_conv_gradients_deterministic_across_runs_and_threads(op):
             assert torch.equal(a, c)
 
 
-def test_linear_and_pool_gradients_deterministic():
+@pytest.mark.parametrize("shape", [(64, 400, 120), (100, 84, 10), (7, 120, 84)], ids=lambda s: "x".join(map(str, s)))
+def test_linear_deterministic_across_runs_and_threads(shape):
+    """The CPU GEMMs are cut into fixed blocks (rows, or columns for fc3's weight
+    gradient), never one per thread, so the thread count cannot change a bit."""
+    n, k, o = shape
     g = torch.Generator().manual_seed(13)
-    x = torch.randn(64, 400, generator=g, requires_grad=True)
-    w = torch.randn(120, 400, generator=g, requires_grad=True)
-    b = torch.randn(120, generator=g, requires_grad=True)
-    r1 = _grads(lambda *a: E.linear(*a, True), (x, w, b))
-    r2 = _grads(lambda *a: E.linear(*a, True), (x, w, b))
-    for a, c in zip(r1, r2):
-        assert torch.equal(a, c)
+    x = torch.randn(n, k, generator=g, requires_grad=True)
+    w = torch.randn(o, k, generator=g, requires_grad=True)
+    b = torch.randn(o, generator=g, requires_grad=True)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for nt in (threads, threads, 1, 3):
+            torch.set_num_threads(nt)
+            runs.append([E.linear(x, w, b, True).detach(), *_grads(lambda *a: E.linear(*a, True), (x, w, b))])
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c)
+
+
+def test_pool_gradients_deterministic():
+    g = torch.Generator().manual_seed(13)
     p = torch.randn(8, 6, 26, 26, generator=g, requires_grad=True)
     assert torch.equal(_grads(E.maxpool2x2, (p,))[0], _grads(E.maxpool2x2, (p,))[0])
 
