@@ -1,12 +1,10 @@
 // linear + bias (+ ReLU): torch-facing wrappers and CPU kernels.
-// The GEMMs go to at::mm (MKL / cuBLAS; on the CPU cut into fixed blocks run in
-// parallel, see mm_blocked); bias + ReLU is one fused pass over the
+// The GEMMs go to at::mm (MKL / cuBLAS); bias + ReLU is one fused pass over the
 // GEMM output, and the backward's ReLU mask + bias gradient is one fused pass
 // (column sums in row order: deterministic).
 #include <algorithm>
 
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 
@@ -64,38 +62,6 @@ void relu_mask_bias_grad_cpu(const T* g, const T* out, T* gm, T* gb, int64_t N, 
   });
 }
 
-// at::mm handles LeNet-sized GEMMs badly on a multi-core CPU: 64 x 400 x 120
-// ran no faster on 2 threads than on 1 on the 2-core development machine, and
-// the small ones (fc3: 64 x 84 x 10) ran ~2x slower, MKL's threading costing
-// more than the arithmetic.  So on the CPU the output is cut into fixed blocks
-// (kGemmBlock rows, or columns when it has few rows) and each block is one
-// at::mm inside at::parallel_for, where MKL stays on the calling thread.  Fixed
-// blocks, not one per thread, so the result does not depend on the thread count.
-constexpr int64_t kGemmBlock = 32;
-
-at::Tensor mm_blocked(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t M = a.size(0), N = b.size(1);
-  if (!a.is_cpu() || (M <= kGemmBlock && N <= kGemmBlock)) return at::mm(a, b);
-  at::Tensor out = at::empty({M, N}, a.options());
-  const bool by_rows = M > kGemmBlock;
-  const int64_t extent = by_rows ? M : N;
-  at::parallel_for(0, ceil_div(extent, kGemmBlock), 1, [&](int64_t i0, int64_t i1) {
-    // Worker threads do not inherit the caller's dispatch state: without this
-    // guard the out= call would see the autograd key again (and refuse inputs
-    // that require grad).  Autograd is the caller's business.
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t start = i * kGemmBlock, len = std::min(kGemmBlock, extent - start);
-      at::Tensor block = out.narrow(by_rows ? 0 : 1, start, len);
-      if (by_rows)
-        at::mm_out(block, a.narrow(0, start, len), b);
-      else
-        at::mm_out(block, a, b.narrow(1, start, len));
-    }
-  });
-  return out;
-}
-
 }  // namespace
 
 at::Tensor linear_fwd(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& b_, bool do_relu) {
@@ -110,7 +76,7 @@ at::Tensor linear_fwd(const at::Tensor& x_, const at::Tensor& w_, const std::opt
     check_same(x_, *b_, "bias");
   }
   const int64_t N = x_.size(0), O = w_.size(0);
-  at::Tensor y = mm_blocked(x_, w_.t());
+  at::Tensor y = at::mm(x_, w_.t());
   if (N == 0 || O == 0 || (!has_b && !do_relu)) return y;
   const at::Tensor b = has_b ? b_->contiguous() : at::Tensor();
   require_cuda_build(y);
@@ -163,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& g_, 
     });
     if (!weight_grad) gb = empty0(g);
   }
-  at::Tensor gx = input_grad ? mm_blocked(gm, w) : empty0(g);
-  at::Tensor gw = weight_grad ? mm_blocked(gm.t(), x) : empty0(g);
+  at::Tensor gx = input_grad ? at::mm(gm, w) : empty0(g);
+  at::Tensor gw = weight_grad ? at::mm(gm.t(), x) : empty0(g);
   return {gx, gw, gb};
 }
 
