@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import end_to_end, op_cases
-from benchmarks.timing import time_fn
+from benchmarks.timing import time_side_by_side
 from lenet_fast import backends, cli, data
 
 
@@ -59,10 +59,9 @@ def bench_ops(device: torch.device, names: list[str], *, threads: int, quick: bo
         for batch in batches:
             inputs = case.make_inputs(batch, device)
             contenders = {"stock": case.stock, **{name: case.fused(name) for name in names}}
-            timings = {}
-            for contender, fn in contenders.items():
-                for mode, runner in op_cases.runners(fn, inputs).items():
-                    timings[(contender, mode)] = time_fn(runner, device, threads=threads, quick=quick)
+            runners = {(contender, mode): runner for contender, fn in contenders.items()
+                       for mode, runner in op_cases.runners(fn, inputs).items()}
+            timings = time_side_by_side(runners, device, threads=threads, quick=quick)
             for (contender, mode), t in timings.items():
                 stock = timings[("stock", mode)]["median"]
                 rows.append({"case": case.name, "batch": batch, "mode": mode, "contender": contender,
