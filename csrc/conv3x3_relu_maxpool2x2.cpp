@@ -2,9 +2,9 @@
 //
 // Forward writes only the pooled output and a uint8 winner code per pooled
 // element (index_math.h: 0..3 = row-major position in the window, kPoolMasked
-// when ReLU blocks the gradient); its conv runs on the channels-last engine of
-// cpu_fused.h.  Backward: the winners-only engine of cpu_fused.h where it
-// applies (float, 1..8 input channels); otherwise it scatters the pooled
+// when ReLU blocks the gradient); its conv runs on the engine of cpu_fused.h.
+// Backward: the winners-only engine of cpu_fused.h where it applies (float,
+// 1..8 input channels, finite x and w); otherwise it scatters the pooled
 // gradient through the codes into a per-image (thread-local) dense conv-gradient
 // tile and computes grad_input, grad_weight and grad_bias from it (cpu_conv.h).
 #include "common.h"
@@ -80,8 +80,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_bwd(const
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const uint8_t* ip = idx.const_data_ptr<uint8_t>();
     const cpu::ConvShape shape{a.N, a.Cin, a.Cout, a.H, a.W, pad};
-    if (cpu::fused_backward_winners_ok<scalar_t>(shape)) {
-      cpu::fused_backward_winners<scalar_t>(a.x.const_data_ptr<scalar_t>(), a.w.const_data_ptr<scalar_t>(), gp, ip,
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = a.w.const_data_ptr<scalar_t>();
+    // Winners only, unless a NaN/inf must reach the gradients through 0 * NaN
+    // (cpu_fused.h): x feeds grad_weight, w feeds grad_input.
+    if (cpu::fused_backward_winners_ok<scalar_t>(shape) && (!weight_grad || cpu::all_finite(xp, a.x.numel())) &&
+        (!input_grad || cpu::all_finite(wp, a.w.numel()))) {
+      cpu::fused_backward_winners<scalar_t>(xp, wp, gp, ip,
                                             input_grad ? gx.mutable_data_ptr<scalar_t>() : nullptr,
                                             weight_grad ? gw.mutable_data_ptr<scalar_t>() : nullptr,
                                             weight_grad ? gb.mutable_data_ptr<scalar_t>() : nullptr, shape);
@@ -90,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_bwd(const
     // General path: densify the conv-output gradient, then the dense engine.
     const int64_t Cout = a.Cout;
     cpu::conv_backward<scalar_t>(
-        a.x.const_data_ptr<scalar_t>(), a.w.const_data_ptr<scalar_t>(),
+        xp, wp,
         input_grad ? gx.mutable_data_ptr<scalar_t>() : nullptr, weight_grad ? gw.mutable_data_ptr<scalar_t>() : nullptr,
         weight_grad ? gb.mutable_data_ptr<scalar_t>() : nullptr, {a.N, a.Cin, a.Cout, a.H, a.W, pad},
         [&](int64_t n, scalar_t* G, int64_t S, int64_t F, int64_t Q, scalar_t* gbias) {

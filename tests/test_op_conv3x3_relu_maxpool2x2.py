@@ -79,6 +79,28 @@ def test_nan_input_propagates(backend_device):
     assert torch.isnan(out).any()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's 0 * inf in the interpreter
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_input_reaches_the_gradients_as_in_stock(backend_device, bad):
+    """Stock's dense backward multiplies every conv output's gradient, 0 where a
+    window lost, by x, so one NaN/inf in x poisons grad_weight; a winners-only
+    shortcut must not hide it.  (A NaN weight poisons grad_x in every backend,
+    but the exact set of poisoned positions depends on how the zero border of
+    the transposed convolution is summed, so it is not compared.)"""
+    backend, device = backend_device
+    for c_in in (1, 6):  # both CPU winners-only engines (one channel, channels-last)
+        x, weight, bias = conv_inputs(2, c_in, 8, 8, 3, seed=4)
+        x[0, 0, 2, 5] = bad
+        got, want = [], []
+        for dtype, dev, fn, into in ((x.dtype, device, fused(backend, 0), got),
+                                     (torch.float64, "cpu", lambda a, w, b: reference(a, w, b, 0), want)):
+            leaves = [t.to(dev, dtype).requires_grad_() for t in (x, weight, bias)]
+            grads = torch.autograd.grad(fn(*leaves).nan_to_num().sum(), leaves[:2])
+            into += [g.isfinite().cpu() for g in grads]
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), f"finite pattern of a gradient differs from stock (C_in={c_in})"
+
+
 def test_random_normal_inputs_forward(backend_device):
     """Rounding within the stated tolerance on Gaussian data (forward: a near-tie can only
     pick a value within rounding of the other, so the output still agrees)."""
