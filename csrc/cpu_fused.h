@@ -99,27 +99,6 @@ inline void fused_fwd_block(const T* __restrict xw, int64_t cs, int64_t rs, int6
   }
 }
 
-// Forward for ONE input channel (LeNet's conv1): vectorised over PIXELS.
-//
-// With Cin = 1 the channels-last engine below spends most of its time
-// broadcasting input values (6 of 8 lanes useful, one broadcast per FMA).
-// Here a vector holds V consecutive POOLED columns px..px+V-1 of one pooled row
-// py, for one output channel; each of the 4 window positions (dy, dx) is its own
-// accumulator.  Conv output (2py+dy, 2px+dx) reads padded input column
-// 2px + (dx+kx), dx+kx in 0..3: even columns 2(px+0), 2(px+1) and odd columns
-// 2(px+0)+1, 2(px+1)+1.  So the padded image is split once into an EVEN and an
-// ODD column plane (E[iy][j] = xpad[iy][2j], O[iy][j] = xpad[iy][2j+1]) and
-// every tap is a contiguous, unit-stride load of V values at offset px or px+1
-// of one plane; the weights are scalars held in registers.  A block is B = 2V
-// pooled columns (LeNet conv1: Wp = 13 -> one block): 8 independent accumulator
-// vectors, so more of the 9-FMA chains per conv output overlap (B = V measured
-// twice as slow on LeNet conv1).  Pooled columns past Wp read zeros/neighbours;
-// the block is stored whole into the output row anyway, spilling into the next
-// row, which is written afterwards (see the store).
-//
-// Arithmetic per conv output is the same as the general engine's:
-// accumulate from 0 over taps in (ky, kx) order, then + bias, ReLU, pool4 and
-// fused_code (index_math.h), so values and codes are identical.
 // Column planes of a single-channel image for the Cin = 1 kernels:
 // planes[par][iy][j] = padded image at (iy, 2j + par), par = 0 (EVEN) or 1
 // (ODD), for the first R padded rows; plane row stride Ws.  Only the image's
@@ -141,6 +120,27 @@ inline void build_column_planes(const T* __restrict xn, T* __restrict planes, co
     }
 }
 
+// Forward for ONE input channel (LeNet's conv1): vectorised over PIXELS.
+//
+// With Cin = 1 the channels-last engine below spends most of its time
+// broadcasting input values (6 of 8 lanes useful, one broadcast per FMA).
+// Here a vector holds V consecutive POOLED columns px..px+V-1 of one pooled row
+// py, for one output channel; each of the 4 window positions (dy, dx) is its own
+// accumulator.  Conv output (2py+dy, 2px+dx) reads padded input column
+// 2px + (dx+kx), dx+kx in 0..3: even columns 2(px+0), 2(px+1) and odd columns
+// 2(px+0)+1, 2(px+1)+1.  So the padded image is split once into an EVEN and an
+// ODD column plane (E[iy][j] = xpad[iy][2j], O[iy][j] = xpad[iy][2j+1]) and
+// every tap is a contiguous, unit-stride load of V values at offset px or px+1
+// of one plane; the weights are scalars held in registers.  A block is B = 2V
+// pooled columns (LeNet conv1: Wp = 13 -> one block): 8 independent accumulator
+// vectors, so more of the 9-FMA chains per conv output overlap (B = V measured
+// twice as slow on LeNet conv1).  Pooled columns past Wp read zeros/neighbours;
+// the block is stored whole into the output row anyway, spilling into the next
+// row, which is written afterwards (see the store).
+//
+// Arithmetic per conv output is the same as the general engine's:
+// accumulate from 0 over taps in (ky, kx) order, then + bias, ReLU, pool4 and
+// fused_code (index_math.h), so values and codes are identical.
 template <typename T>
 void fused_forward_cin1(const T* x, const T* w, const T* b, T* out, uint8_t* idx, const ConvShape& s) {
   using I = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
