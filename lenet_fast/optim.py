@@ -40,7 +40,9 @@ class FusedSGD(torch.optim.SGD):
     def __init__(self, params, lr: float | torch.Tensor, **kwargs) -> None:
         super().__init__(params, lr=lr, fused=True, **kwargs)
         # Per param group: (its params list, the same params, their momentum
-        # buffers), valid while the group's params list and the state are.
+        # buffers), valid while the group's params list and the state are
+        # (load_state_dict and add_param_group clear it; replacing a buffer in
+        # `state` by hand is not supported).
         self._lists: dict[int, tuple[list, list, list]] = {}
 
     def step(self, closure=None):
@@ -65,7 +67,7 @@ class FusedSGD(torch.optim.SGD):
             hyper = dict(weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
                          dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
             kept = self._lists.get(index)
-            if kept is not None and kept[0] is group["params"]:
+            if kept is not None and kept[0] is group["params"] and group["momentum"] != 0:
                 grads = [p.grad for p in kept[1]]
                 if not any(g is None for g in grads):
                     torch._fused_sgd_(kept[1], grads, kept[2], is_first_step=False, **hyper)
