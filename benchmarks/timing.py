@@ -13,29 +13,11 @@ from typing import Callable
 import torch
 
 
-def time_cpu(fn: Callable[[], object], *, threads: int, min_run_time: float = 0.3) -> dict[str, float]:
-    from torch.utils import benchmark
-
-    fn()  # warm-up: lazy initialisation, allocator, first-call dispatch
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    times = sorted(measurement.times)
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return {"median": 1e6 * measurement.median, "p20": 1e6 * pick(0.2), "p80": 1e6 * pick(0.8),
-            "runs": len(times) * measurement.number_per_run}
-
-
 def time_cuda(fn: Callable[[], object], *, rep_ms: int = 100) -> dict[str, float]:
     from triton.testing import do_bench
 
     median, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     return {"median": 1e3 * median, "p20": 1e3 * p20, "p80": 1e3 * p80}
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, *, threads: int, quick: bool) -> dict[str, float]:
-    if device.type == "cuda":
-        return time_cuda(fn, rep_ms=50 if quick else 200)
-    return time_cpu(fn, threads=threads, min_run_time=0.2 if quick else 1.0)
 
 
 CPU_ROUNDS = 5  # interleaved rounds per side-by-side comparison on the CPU
@@ -50,7 +32,7 @@ def _stats(times: list[float]) -> dict[str, float]:
 def time_side_by_side(fns: dict, device: torch.device, *, threads: int, quick: bool) -> dict:
     """{key: stats} for {key: fn}; on the CPU the functions take turns, CPU_ROUNDS rounds."""
     if device.type == "cuda":
-        return {key: time_fn(fn, device, threads=threads, quick=quick) for key, fn in fns.items()}
+        return {key: time_cuda(fn, rep_ms=50 if quick else 200) for key, fn in fns.items()}
     from torch.utils import benchmark
 
     per_round = (0.2 if quick else 1.0) / CPU_ROUNDS

@@ -258,23 +258,22 @@ void fused_forward(const T* x, const T* w, const T* b, T* out, uint8_t* idx, con
       for (int t = 0; t < 9; ++t) wf[(t * g.Cin + ci) * g.Cp + co] = w[(co * g.Cin + ci) * 9 + t];
   if (b != nullptr) std::copy(b, b + g.Cout, bp.begin());
   const int64_t Cin = g.Cin, Cout = g.Cout, Cp = g.Cp, Hp = g.Hp, Wp = g.Wp, P = Hp * Wp;
-  const int64_t H = g.H, W = g.W, pad = g.pad, Hpad = g.Hpad, Wpad = g.Wpad;
+  const int64_t H = g.H, W = g.W, pad = g.pad;
+  const ConvGeom<V> padded(s);  // with padding, each image goes through pack_image (cpu_conv.h)
   at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
-    // With padding, each image is copied into a zero-bordered buffer (border
-    // zeroed once); without, the kernel reads x in place.
-    std::vector<T> xpad(pad != 0 ? Cin * Hpad * Wpad : 0, T(0));
+    std::vector<T> xpad(pad != 0 ? Cin * padded.P : 0);
     std::vector<T> tb(P * Cp);  // pooled values [pos][co]
     std::vector<I> tc(P * Cp);  // winner codes [pos][co]
     for (int64_t n = n0; n < n1; ++n) {
+      // Without padding the kernel reads x in place (channel stride cs, row stride rs).
       const T* xn = x + n * Cin * H * W;
+      int64_t cs = H * W, rs = W;
       if (pad != 0) {
-        for (int64_t ci = 0; ci < Cin; ++ci)
-          for (int64_t iy = 0; iy < H; ++iy)
-            std::copy(xn + (ci * H + iy) * W, xn + (ci * H + iy + 1) * W,
-                      xpad.data() + (ci * Hpad + iy + pad) * Wpad + pad);
+        pack_image(xn, xpad.data(), padded);
         xn = xpad.data();
+        cs = padded.P;
+        rs = padded.S;
       }
-      const int64_t cs = Hpad * Wpad, rs = Wpad;
       for (int64_t py = 0; py < Hp; ++py)
         for (int64_t px = 0; px < Wp; ++px) {
           const T* xw = xn + 2 * py * rs + 2 * px;  // top-left of the 4x4 window, channel 0

@@ -90,7 +90,8 @@ class FusedSGD(torch.optim.SGD):
         new = [i for i, state in enumerate(states) if state.get("momentum_buffer") is None]
         for i in new:
             states[i]["momentum_buffer"] = torch.empty_like(grads[i])
-        old = [i for i in range(len(params)) if i not in set(new)]
+        new_set = set(new)
+        old = [i for i in range(len(params)) if i not in new_set]
         for indices, first in ((new, True), (old, False)):
             if indices:
                 _fused_sgd([params[i] for i in indices], [grads[i] for i in indices],
