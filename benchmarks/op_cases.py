@@ -58,6 +58,22 @@ def _stock_linear(relu):
     return lambda x, w, b: F.relu(F.linear(x, w, b)) if relu else F.linear(x, w, b)
 
 
+def _head_inputs(batch, device):
+    """LeNet's classifier head: x (N, 400), then (weight, bias) of fc1, fc2, fc3, then the labels."""
+    g = torch.Generator().manual_seed(0)
+    tensors, fan_in = [torch.randn(batch, 400, generator=g)], 400
+    for width in (120, 84, 10):
+        tensors += [torch.randn(width, fan_in, generator=g) / fan_in**0.5, 0.1 * torch.randn(width, generator=g)]
+        fan_in = width
+    tensors = [t.to(device).requires_grad_() for t in tensors]
+    return (*tensors, torch.randint(0, 10, (batch,), generator=g).to(device))
+
+
+def _stock_head(x, w1, b1, w2, b2, w3, b3, target):
+    h = F.relu(F.linear(F.relu(F.linear(x, w1, b1)), w2, b2))
+    return F.cross_entropy(F.linear(h, w3, b3), target)
+
+
 CASES = [
     # LeNet's first layer needs no input gradient (the images are data).
     OpCase("conv3x3_relu/conv1", "conv3x3_relu", _conv_inputs(1, 28, 6, False),
@@ -82,6 +98,10 @@ CASES = [
            lambda be: lambda x, w, b: ops.linear(x, w, b, relu=True, backend=be)),
     OpCase("linear/fc3", "linear", _linear_inputs(84, 10), _stock_linear(False),
            lambda be: lambda x, w, b: ops.linear(x, w, b, relu=False, backend=be)),
+    # fc1 + ReLU, fc2 + ReLU, fc3 and the cross-entropy loss: one op against five stock ones.
+    OpCase("mlp_cross_entropy/head", "mlp_cross_entropy", _head_inputs, _stock_head,
+           lambda be: lambda x, w1, b1, w2, b2, w3, b3, t: ops.mlp_cross_entropy(
+               x, [w1, w2, w3], [b1, b2, b3], t, backend=be)[0]),
 ]
 
 

@@ -1,4 +1,4 @@
-// The torch-facing kernels of the four ops (forward and backward), one function
+// The torch-facing kernels of the ops (forward and backward), one function
 // per op serving both CPU and CUDA tensors; registered in register.cpp.
 #pragma once
 
@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace lenet_fast {
 
@@ -29,5 +30,14 @@ at::Tensor linear_fwd(const at::Tensor& x, const at::Tensor& weight, const std::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad_out, const at::Tensor& out,
                                                           const at::Tensor& x, const at::Tensor& weight, bool relu,
                                                           bool input_grad, bool weight_grad);
+
+// Returns (loss, logits, dlogits, hidden activations); see mlp_cross_entropy.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_fwd(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, const at::Tensor& target);
+// Returns (grad_x, grad_weights, grad_biases).
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cross_entropy_bwd(
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_logits,
+    const at::Tensor& dlogits, const at::Tensor& logits, const at::Tensor& x, at::TensorList weights,
+    at::TensorList hidden, bool input_grad, bool weight_grad);
 
 }  // namespace lenet_fast

@@ -151,6 +151,53 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const std::
   return LinearFn::apply(x, w, b, relu);
 }
 
+// --- MLP classifier head + mean cross-entropy -------------------------------------
+// Inputs flatten to (x, weights..., biases..., target) for needs_input_grad and for the
+// gradients backward returns; outputs are (loss, logits, dlogits, hidden...), of which only
+// loss and logits are differentiable.
+struct MlpCrossEntropyFn : public torch::autograd::Function<MlpCrossEntropyFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
+                               at::TensorList biases, const at::Tensor& target) {
+    static const auto op = op_handle<decltype(mlp_cross_entropy_fwd)>("lenet_fast::ext_mlp_cross_entropy");
+    at::Tensor loss, logits, dlogits;
+    std::vector<at::Tensor> hidden;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(loss, logits, dlogits, hidden) = op.call(x, weights, biases, target);
+    }
+    variable_list saved{x, logits, dlogits};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    saved.insert(saved.end(), hidden.begin(), hidden.end());
+    ctx->save_for_backward(saved);
+    variable_list outputs{loss, logits, dlogits};
+    outputs.insert(outputs.end(), hidden.begin(), hidden.end());
+    ctx->mark_non_differentiable(variable_list(outputs.begin() + 2, outputs.end()));
+    return outputs;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        op_handle<decltype(mlp_cross_entropy_bwd)>("lenet_fast::ext_mlp_cross_entropy_backward");
+    const auto s = ctx->get_saved_variables();
+    const size_t L = (s.size() - 2) / 2;  // x, logits, dlogits, L weights, L - 1 hidden
+    const at::TensorList weights(s.data() + 3, L), hidden(s.data() + 3 + L, L - 1);
+    bool weight_grad = false;
+    for (size_t i = 1; i <= 2 * L; ++i) weight_grad = weight_grad || ctx->needs_input_grad(i);
+    const bool input_grad = ctx->needs_input_grad(0);
+    auto [gx, gw, gb] = op.call(grads[0], grads[1], s[2], s[1], s[0], weights, hidden, input_grad, weight_grad);
+    variable_list result{grad_or_undef(input_grad, gx)};
+    for (size_t l = 0; l < L; ++l) result.push_back(grad_or_undef(ctx->needs_input_grad(1 + l), gw[l]));
+    for (size_t l = 0; l < L; ++l) result.push_back(grad_or_undef(ctx->needs_input_grad(1 + L + l), gb[l]));
+    result.emplace_back();  // target
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_autograd(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, const at::Tensor& target) {
+  auto r = MlpCrossEntropyFn::apply(x, weights, biases, target);
+  return {r[0], r[1], r[2], std::vector<at::Tensor>(r.begin() + 3, r.end())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lenet_fast, m) {
@@ -169,6 +216,13 @@ TORCH_LIBRARY(lenet_fast, m) {
   m.def(
       "ext_linear_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, bool relu, bool input_grad, "
       "bool weight_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_mlp_cross_entropy(Tensor x, Tensor[] weights, Tensor[] biases, Tensor target) "
+      "-> (Tensor, Tensor, Tensor, Tensor[])");
+  m.def(
+      "ext_mlp_cross_entropy_backward(Tensor? grad_loss, Tensor? grad_logits, Tensor dlogits, Tensor logits, "
+      "Tensor x, Tensor[] weights, Tensor[] hidden, bool input_grad, bool weight_grad) "
+      "-> (Tensor, Tensor[], Tensor[])");
 }
 
 #define LF_REGISTER_KERNELS(m)                                                                \
@@ -179,7 +233,9 @@ TORCH_LIBRARY(lenet_fast, m) {
   m.impl("ext_conv3x3_relu_maxpool2x2", &conv3x3_relu_maxpool2x2_fwd);                        \
   m.impl("ext_conv3x3_relu_maxpool2x2_backward", &conv3x3_relu_maxpool2x2_bwd);               \
   m.impl("ext_linear", &linear_fwd);                                                          \
-  m.impl("ext_linear_backward", &linear_bwd);
+  m.impl("ext_linear_backward", &linear_bwd);                                                 \
+  m.impl("ext_mlp_cross_entropy", &mlp_cross_entropy_fwd);                                    \
+  m.impl("ext_mlp_cross_entropy_backward", &mlp_cross_entropy_bwd);
 
 TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { LF_REGISTER_KERNELS(m) }
 
@@ -192,6 +248,7 @@ TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) {
   m.impl("ext_maxpool2x2", &maxpool2x2_autograd);
   m.impl("ext_conv3x3_relu_maxpool2x2", &conv3x3_relu_maxpool2x2_autograd);
   m.impl("ext_linear", &linear_autograd);
+  m.impl("ext_mlp_cross_entropy", &mlp_cross_entropy_autograd);
 }
 
 }  // namespace lenet_fast

@@ -1,12 +1,13 @@
-"""Backend registry: which implementation of the four fused ops runs.
+"""Backend registry: which implementation of the fused ops runs.
 
 A backend is a name plus a loader. The loader imports the backend's module and
-returns an object (usually the module itself) with four functions::
+returns an object (usually the module itself) with these functions::
 
     conv3x3_relu(x, weight, bias, padding) -> Tensor
     maxpool2x2(x) -> Tensor
     conv3x3_relu_maxpool2x2(x, weight, bias, padding) -> Tensor
     linear(x, weight, bias, relu) -> Tensor          # x is 2-D here
+    mlp_cross_entropy(x, weights, biases, target) -> (loss, logits)
 
 Inputs reaching these functions were already validated by `lenet_fast.ops`
 (ranks, shapes, devices, dtypes), so implementations contain only the math.
@@ -25,7 +26,7 @@ from typing import Callable, Iterable
 
 import torch
 
-OP_NAMES = ("conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear")
+OP_NAMES = ("conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear", "mlp_cross_entropy")
 
 
 class BackendUnavailableError(RuntimeError):

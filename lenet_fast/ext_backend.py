@@ -3,7 +3,7 @@
 The kernels are registered as torch ops ``torch.ops.lenet_fast.ext_*`` with
 TORCH_LIBRARY (schemas), CPU/CUDA kernels and C++ autograd; this module adds the
 fake (meta) implementations that torch.compile and torch.library.opcheck need,
-and the four functions the backend registry expects (see lenet_fast/backends.py).
+and the functions the backend registry expects (see lenet_fast/backends.py).
 
 Importing it raises ImportError, with the reason, when the extension is not built.
 """
@@ -29,6 +29,7 @@ _conv_relu = _ops.ext_conv3x3_relu.default
 _maxpool = _ops.ext_maxpool2x2.default
 _conv_relu_pool = _ops.ext_conv3x3_relu_maxpool2x2.default
 _linear = _ops.ext_linear.default
+_mlp_cross_entropy = _ops.ext_mlp_cross_entropy.default
 
 #: Every op the extension registers (forward and backward), for opcheck and tests.
 OP_NAMES = (
@@ -40,10 +41,12 @@ OP_NAMES = (
     "ext_conv3x3_relu_maxpool2x2_backward",
     "ext_linear",
     "ext_linear_backward",
+    "ext_mlp_cross_entropy",
+    "ext_mlp_cross_entropy_backward",
 )
 
 
-# --- the four functions of the backend registry ------------------------------------
+# --- the functions of the backend registry ----------------------------------------
 def conv3x3_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     return _conv_relu(x, weight, bias, padding)
 
@@ -60,6 +63,13 @@ def conv3x3_relu_maxpool2x2(
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
     return _linear(x, weight, bias, relu)
+
+
+def mlp_cross_entropy(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, logits, _, _ = _mlp_cross_entropy(x, weights, biases, target)
+    return loss, logits
 
 
 # --- fake (meta) implementations ----------------------------------------------------
@@ -115,3 +125,18 @@ def _(x, weight, bias, relu):
 @torch.library.register_fake("lenet_fast::ext_linear_backward")
 def _(grad_out, out, x, weight, relu, input_grad, weight_grad):
     return _grads(x, weight, input_grad, weight_grad)
+
+
+@torch.library.register_fake("lenet_fast::ext_mlp_cross_entropy")
+def _(x, weights, biases, target):
+    hidden = [x.new_empty((x.shape[0], w.shape[0])) for w in weights[:-1]]
+    logits = x.new_empty((x.shape[0], weights[-1].shape[0]))
+    return x.new_empty(()), logits, torch.empty_like(logits), hidden
+
+
+@torch.library.register_fake("lenet_fast::ext_mlp_cross_entropy_backward")
+def _(grad_loss, grad_logits, dlogits, logits, x, weights, hidden, input_grad, weight_grad):
+    grad_x = x.new_empty(x.shape) if input_grad else x.new_empty(0)
+    grad_w = [w.new_empty(w.shape) if weight_grad else x.new_empty(0) for w in weights]
+    grad_b = [w.new_empty(w.shape[0]) if weight_grad else x.new_empty(0) for w in weights]
+    return grad_x, grad_w, grad_b

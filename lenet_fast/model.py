@@ -62,6 +62,25 @@ class LeNet(nn.Module):
         return backends.resolve(self.backend, device, self.conv1.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl, x = self._features(x)
+        x = impl.linear(x, self.fc1.weight, self.fc1.bias, True)
+        x = impl.linear(x, self.fc2.weight, self.fc2.bias, True)
+        return impl.linear(x, self.fc3.weight, self.fc3.bias, False)
+
+    def forward_with_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross_entropy(self(x), target), self(x)) with the classifier head and the loss
+        fused into one op (`lenet_fast.ops.mlp_cross_entropy`): what training calls."""
+        impl, x = self._features(x)
+        if not (isinstance(target, torch.Tensor) and target.dtype == torch.int64
+                and target.shape == x.shape[:1] and target.device == x.device):
+            got = (f"{target.dtype} of shape {tuple(target.shape)} on {target.device}"
+                   if isinstance(target, torch.Tensor) else type(target).__name__)
+            raise ValueError(f"target must be int64 of shape ({x.shape[0]},) on {x.device}, got {got}")
+        fcs = (self.fc1, self.fc2, self.fc3)
+        return impl.mlp_cross_entropy(x, [fc.weight for fc in fcs], [fc.bias for fc in fcs], target)
+
+    def _features(self, x: torch.Tensor):
+        """(backend implementation, flattened conv features) after checking x once."""
         # The layers' arguments are this module's own parameters, whose shapes
         # nn.Conv2d / nn.Linear fix, so only x is checked, once, against them;
         # the backend's functions are then called directly.  (Re-validating
@@ -80,10 +99,7 @@ class LeNet(nn.Module):
         impl = backends.implementation(self.backend, x.device, x.dtype)
         x = impl.conv3x3_relu_maxpool2x2(x, w, self.conv1.bias, 0)
         x = impl.conv3x3_relu_maxpool2x2(x, self.conv2.weight, self.conv2.bias, 0)
-        x = torch.flatten(x, 1)
-        x = impl.linear(x, self.fc1.weight, self.fc1.bias, True)
-        x = impl.linear(x, self.fc2.weight, self.fc2.bias, True)
-        return impl.linear(x, self.fc3.weight, self.fc3.bias, False)
+        return impl, torch.flatten(x, 1)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -1,4 +1,4 @@
-"""The public functional API: four fused ops with stock PyTorch semantics.
+"""The public functional API: fused ops with stock PyTorch semantics.
 
 Every op validates its arguments here, once, then hands them to the selected
 backend (see `lenet_fast.backends`).  Bad input raises ValueError or TypeError
@@ -8,6 +8,8 @@ naming the argument and its shape; backends only ever see valid input.
     maxpool2x2(x)                                       max_pool2d(x, 2)
     conv3x3_relu_maxpool2x2(x, weight, bias, padding=0) max_pool2d(relu(conv2d(...)), 2)
     linear(x, weight, bias, relu=False)                 linear(x, weight, bias), then relu if asked
+    mlp_cross_entropy(x, weights, biases, target)       (cross_entropy(logits, target), logits) where
+                                                        logits = an MLP: linear + relu per layer, plain last layer
 """
 
 from __future__ import annotations
@@ -118,3 +120,46 @@ def linear(x, weight, bias=None, *, relu: bool = False, backend: str = "auto") -
         return impl.linear(x, weight, bias, bool(relu))
     y = impl.linear(x.reshape(-1, in_features), weight, bias, bool(relu))
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def mlp_cross_entropy(x, weights, biases, target, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """A classifier head and its loss in one op: returns (loss, logits).
+
+    logits = x -> [linear(., weights[i], biases[i]) + relu] for every layer but the last
+    -> linear(., weights[-1], biases[-1]); loss = cross_entropy(logits, target) (mean over
+    the batch; no class weights, ignore_index or label smoothing).  x is (N, in_features),
+    target int64 (N,) of class indices.  Both outputs are differentiable.  On the ext
+    backend the whole head is one autograd node, which is what makes it faster than the
+    layers one by one (README, "Benchmarks").
+    """
+    _check_tensor("x", x, 2)
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        raise TypeError(f"weights and biases must be lists of tensors, got {type(weights).__name__} "
+                        f"and {type(biases).__name__}")
+    if len(weights) == 0 or len(weights) != len(biases):
+        raise ValueError(f"need one bias per weight and at least one layer, got {len(weights)} weights "
+                         f"and {len(biases)} biases")
+    features = x.shape[1]
+    for i, (weight, bias) in enumerate(zip(weights, biases)):
+        _check_tensor(f"weights[{i}]", weight, 2)
+        _check_tensor(f"biases[{i}]", bias, 1)
+        _check_same(x, **{f"weights[{i}]": weight, f"biases[{i}]": bias})
+        if weight.shape[1] != features:
+            what = f"x has {features} features (shape {tuple(x.shape)})" if i == 0 else (
+                f"layer {i - 1} gives {features} features (weights[{i - 1}] shape {tuple(weights[i - 1].shape)})")
+            raise ValueError(f"{what} but weights[{i}] expects {weight.shape[1]} (shape {tuple(weight.shape)})")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"biases[{i}] must have shape ({weight.shape[0]},) to match weights[{i}] "
+                             f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
+        if weight.shape[0] == 0:
+            raise ValueError(f"weights[{i}] must have at least one output feature, got shape {tuple(weight.shape)}")
+        features = weight.shape[0]
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
+        what = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
+        raise TypeError(f"target must be an int64 tensor of class indices, got {what}")
+    if target.shape != (x.shape[0],):
+        raise ValueError(f"target must have shape ({x.shape[0]},) to match x {tuple(x.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if target.device != x.device:
+        raise ValueError(f"target is on {target.device} but x is on {x.device}; move them to one device")
+    return _impl(backend, x).mlp_cross_entropy(x, list(weights), list(biases), target)

@@ -21,3 +21,12 @@ def conv3x3_relu_maxpool2x2(
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
     y = F.linear(x, weight, bias)
     return F.relu(y) if relu else y
+
+
+def mlp_cross_entropy(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    for weight, bias in zip(weights[:-1], biases[:-1]):
+        x = F.relu(F.linear(x, weight, bias))
+    logits = F.linear(x, weights[-1], biases[-1])
+    return F.cross_entropy(logits, target), logits

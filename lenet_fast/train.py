@@ -101,8 +101,11 @@ def make_config(args: argparse.Namespace, resumed: dict | None) -> dict:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
     """One eager training step; returns (loss, number of correct predictions), both on the device."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    if isinstance(model, LeNet):  # classifier head + loss as one fused op
+        loss, logits = model.forward_with_loss(x, y)
+    else:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -236,3 +236,14 @@ def conv3x3_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     _check_dtype(x)
     return _linear(x, weight, bias, relu)
+
+
+def mlp_cross_entropy(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+                      target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The Triton linear kernels layer by layer, then stock cross-entropy: no single fused
+    # Triton kernel for the head yet (the ext backend has the one-op head).
+    _check_dtype(x)
+    for weight, bias in zip(weights[:-1], biases[:-1]):
+        x = _linear(x, weight, bias, True)
+    logits = _linear(x, weights[-1], biases[-1], False)
+    return torch.nn.functional.cross_entropy(logits, target), logits

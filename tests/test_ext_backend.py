@@ -196,6 +196,28 @@ def test_gradcheck_maxpool_linear(device):
         assert torch.autograd.gradcheck(lambda *t: E.linear(*t, None, relu), (a, w))
 
 
+def _head_inputs(dtype, device, n=4, widths=(5, 4, 3), seed=12):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=dtype).to(device).requires_grad_()
+    weights, biases, fan_in = [], [], 6
+    for width in widths:
+        weights.append(torch.randn(width, fan_in, generator=g, dtype=dtype).to(device).requires_grad_())
+        biases.append(torch.randn(width, generator=g, dtype=dtype).to(device).requires_grad_())
+        fan_in = width
+    return x, weights, biases, torch.randint(0, widths[-1], (n,), generator=g).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_mlp_cross_entropy(device):
+    x, weights, biases, target = _head_inputs(torch.float64, device)
+    L = len(weights)
+
+    def head(x, *params):  # both outputs, so both backward paths are checked
+        return E.mlp_cross_entropy(x, list(params[:L]), list(params[L:]), target)
+
+    assert torch.autograd.gradcheck(head, (x, *weights, *biases))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_float64_matches_stock(device):
     x, wt, b = _conv_inputs(8, 3, 5, 12, 11, torch.float64, device, seed=5)
@@ -285,6 +307,8 @@ def _opcheck_samples():
     lw = torch.randn(3, 7, requires_grad=True)
     lb = torch.randn(3, requires_grad=True)
     ly = OPS.ext_linear(a, lw, lb, True)
+    hx, hw, hb, ht = _head_inputs(torch.float32, "cpu")
+    _, logits, dlogits, hidden = OPS.ext_mlp_cross_entropy(hx, hw, hb, ht)
     d = lambda t: t.detach()  # noqa: E731
     return [
         ("ext_conv3x3_relu_maxpool2x2", (x, w, b, 1)),
@@ -298,10 +322,17 @@ def _opcheck_samples():
         ("ext_conv3x3_relu_backward", (torch.randn(cr.shape), d(cr), d(x), d(w), 0, True, True)),
         ("ext_maxpool2x2_backward", (torch.randn(px.shape), pidx, d(x))),
         ("ext_linear_backward", (torch.randn(ly.shape), d(ly), d(a), d(lw), True, True, True)),
+        ("ext_mlp_cross_entropy", (hx, hw, hb, ht)),
+        ("ext_mlp_cross_entropy_backward",
+         (torch.tensor(0.5), torch.randn(logits.shape), dlogits, d(logits), d(hx), [d(w) for w in hw],
+          [d(h) for h in hidden], True, True)),
+        ("ext_mlp_cross_entropy_backward",
+         (torch.tensor(1.0), None, dlogits, d(logits), d(hx), [d(w) for w in hw], [d(h) for h in hidden],
+          False, True)),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(case):
     name, args = _opcheck_samples()[case]
     torch.library.opcheck(getattr(OPS, name).default, args)
@@ -359,6 +390,17 @@ def test_linear_deterministic_across_runs(shape):
             assert torch.equal(a, c)
 
 
+def test_mlp_cross_entropy_deterministic_across_runs():
+    x, weights, biases, target = _head_inputs(torch.float32, "cpu", n=64, widths=(120, 84, 10))
+    runs = []
+    for _ in range(3):
+        loss, logits = E.mlp_cross_entropy(x, weights, biases, target)
+        runs.append([loss.detach(), logits.detach(), *torch.autograd.grad(loss, [x, *weights, *biases])])
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c)
+
+
 def test_pool_gradients_deterministic():
     g = torch.Generator().manual_seed(13)
     p = torch.randn(8, 6, 26, 26, generator=g, requires_grad=True)
@@ -375,8 +417,11 @@ def test_lenet_training_step_matches_torch():
     model.load_state_dict(ref.state_dict())
     x = torch.randn(64, 1, 28, 28)
     y = torch.randint(0, 10, (64,))
-    for m in (ref, model):
-        F.cross_entropy(m(x), y).backward()
+    F.cross_entropy(ref(x), y).backward()
+    loss, logits = model.forward_with_loss(x, y)  # what lenet_fast.train runs: the fused head
+    loss.backward()
+    _close(loss.detach(), F.cross_entropy(ref(x), y).detach(), torch.float32, "loss")
+    _close(logits.detach(), ref(x).detach(), torch.float32, "logits")
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         _close(p.grad, q.grad, torch.float32, name)
 
@@ -389,6 +434,21 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
+
+
+def test_torch_compile_fullgraph_mlp_cross_entropy():
+    x, weights, biases, target = _head_inputs(torch.float32, "cpu")
+
+    def f(x, weights, biases):
+        loss, logits = E.mlp_cross_entropy(x, weights, biases, target)
+        return loss + logits.square().mean()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    params = [x, *weights, *biases]
+    got = torch.autograd.grad(compiled(x, weights, biases), params)
+    want = torch.autograd.grad(f(x, weights, biases), params)
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c)
 
 
 # --- build facts ---------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+// MLP classifier head + mean cross-entropy in one op:
+//   h_0 = x,  h_l = relu(h_{l-1} W_l^T + b_l) for l < L,  logits = h_{L-1} W_L^T + b_L,
+//   loss = mean_n(logsumexp(logits_n) - logits_n[target_n]).
+// The layers are linear.cpp's kernels (GEMMs + fused bias/ReLU passes); the loss pass also
+// writes dlogits = d loss / d logits, so the backward is linear.cpp's backward run layer by
+// layer from the top.  Why one op: in eager PyTorch every layer and the loss is its own
+// Python call and autograd node, and for a small head like LeNet's that bookkeeping costs
+// more than the GEMMs (README, "Benchmarks").
+#include <cmath>
+#include <vector>
+
+#include <ATen/AccumulateType.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/log_softmax.h>
+#include <ATen/ops/nll_loss.h>
+#include <ATen/ops/scatter.h>
+#include <ATen/ops/zeros_like.h>
+
+#include "common.h"
+#include "ops.h"
+
+namespace lenet_fast {
+
+namespace {
+
+// Row-wise log-softmax cross-entropy on the CPU: returns the mean loss and writes dz.
+// Serial over rows: a classifier's N x C is small, and the row losses are summed in
+// row order in double (float64: in long double), so the loss is deterministic.
+template <typename T>
+T softmax_cross_entropy_cpu(const T* z, const int64_t* target, T* dz, int64_t N, int64_t C) {
+  using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  acc_t total = 0;
+  const T inv_n = T(1) / static_cast<T>(N);
+  for (int64_t n = 0; n < N; ++n) {
+    const T* zr = z + n * C;
+    T* dr = dz + n * C;
+    const int64_t t = target[n];
+    TORCH_CHECK(t >= 0 && t < C, "lenet_fast ext: target[", n, "] = ", t, " is not a class index in [0, ", C, ")");
+    T m = zr[0];
+    for (int64_t c = 1; c < C; ++c) m = (zr[c] > m || std::isnan(zr[c])) ? zr[c] : m;  // NaN wins, as in stock
+    acc_t s = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const T e = std::exp(zr[c] - m);
+      dr[c] = e;
+      s += e;
+    }
+    total += static_cast<acc_t>(m) + std::log(s) - static_cast<acc_t>(zr[t]);
+    const T scale = inv_n / static_cast<T>(s);
+    for (int64_t c = 0; c < C; ++c) dr[c] *= scale;
+    dr[t] -= inv_n;
+  }
+  return static_cast<T>(total / static_cast<acc_t>(N));  // N == 0: NaN, as stock's mean of nothing
+}
+
+// (loss, dlogits); CUDA tensors go through ATen's log_softmax / nll_loss.
+std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logits, const at::Tensor& target) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  if (!logits.is_cpu()) {
+    // No host sync (a CUDA graph can capture it): nll_loss checks target on the device.
+    const at::Tensor logp = at::log_softmax(logits, 1);
+    const at::Tensor loss = at::nll_loss(logp, target);
+    const at::Tensor one_hot = at::zeros_like(logits).scatter_(1, target.unsqueeze(1), 1.0);
+    return {loss, logp.exp().sub_(one_hot).div_(static_cast<double>(N))};
+  }
+  at::Tensor loss = at::empty({}, logits.options());
+  at::Tensor dz = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "ext_mlp_cross_entropy", [&] {
+    *loss.mutable_data_ptr<scalar_t>() = softmax_cross_entropy_cpu<scalar_t>(
+        logits.const_data_ptr<scalar_t>(), target.const_data_ptr<int64_t>(), dz.mutable_data_ptr<scalar_t>(), N, C);
+  });
+  return {loss, dz};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_fwd(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, const at::Tensor& target) {
+  const size_t L = weights.size();
+  TORCH_CHECK(L >= 1 && biases.size() == L, "lenet_fast ext: mlp_cross_entropy needs one bias per weight and at ",
+              "least one layer, got ", L, " weights and ", biases.size(), " biases");
+  TORCH_CHECK(x.dim() == 2, "lenet_fast ext: mlp_cross_entropy expects x (N, K), got ", x.sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0) && target.scalar_type() == at::kLong,
+              "lenet_fast ext: target must be int64 of shape (", x.size(0), ",), got ", target.scalar_type(), " ",
+              target.sizes());
+  TORCH_CHECK(target.device() == x.device(), "lenet_fast ext: target is on ", target.device(), " but x is on ",
+              x.device());
+  std::vector<at::Tensor> hidden;
+  hidden.reserve(L - 1);
+  at::Tensor h = x;
+  for (size_t l = 0; l + 1 < L; ++l) {
+    h = linear_fwd(h, weights[l], biases[l], /*relu=*/true);
+    hidden.push_back(h);
+  }
+  at::Tensor logits = linear_fwd(h, weights[L - 1], biases[L - 1], /*relu=*/false);
+  TORCH_CHECK(logits.size(1) >= 1, "lenet_fast ext: the last layer must have at least one output (class)");
+  auto [loss, dlogits] = softmax_cross_entropy(logits, target.contiguous());
+  return {loss, logits, dlogits, hidden};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cross_entropy_bwd(
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_logits,
+    const at::Tensor& dlogits, const at::Tensor& logits, const at::Tensor& x, at::TensorList weights,
+    at::TensorList hidden, bool input_grad, bool weight_grad) {
+  const size_t L = weights.size();
+  TORCH_CHECK(L >= 1 && hidden.size() + 1 == L, "lenet_fast ext: mlp_cross_entropy_backward needs L weights and ",
+              "L - 1 hidden activations, got ", L, " and ", hidden.size());
+  // d loss_total / d logits: the loss's share (dlogits is per unit of grad_loss) plus any
+  // gradient that reached the logits output directly.
+  at::Tensor g;
+  if (grad_loss.has_value() && grad_loss->defined()) g = dlogits * *grad_loss;
+  if (grad_logits.has_value() && grad_logits->defined()) g = g.defined() ? g + *grad_logits : *grad_logits;
+  if (!g.defined()) g = at::zeros_like(dlogits);
+  std::vector<at::Tensor> grad_w(L), grad_b(L);
+  for (size_t l = L; l-- > 0;) {
+    const at::Tensor& in = l == 0 ? x : hidden[l - 1];
+    const at::Tensor& out = l + 1 == L ? logits : hidden[l];
+    const bool want_in = l > 0 || input_grad;
+    auto [gx, gw, gb] = linear_bwd(g, out, in, weights[l], /*relu=*/l + 1 < L, want_in, weight_grad);
+    grad_w[l] = gw;
+    grad_b[l] = gb;
+    g = gx;
+  }
+  return {g, grad_w, grad_b};
+}
+
+}  // namespace lenet_fast

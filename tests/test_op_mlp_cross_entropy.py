@@ -1,0 +1,119 @@
+"""ops.mlp_cross_entropy on every backend against the layers one by one from torch.nn.functional.
+
+The reference runs in float64 on the same float32 inputs; loss, logits and the
+gradient of every input are compared, with the upstream gradient reaching both
+outputs (the loss and the logits) so that both backward paths are exercised.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import FWD_REL, GRAD_REL, assert_close_scaled, leaf
+from lenet_fast import ops
+
+# (batch, in_features, layer widths): LeNet's head at batch 64, then the edges: one layer,
+# one class, odd sizes, batch 1, the empty batch (stock's mean over nothing is NaN).
+SHAPES = [
+    (64, 400, (120, 84, 10)),
+    (1, 400, (120, 84, 10)),
+    (7, 33, (17, 5)),
+    (5, 6, (3,)),
+    (3, 4, (2, 1)),
+    (0, 400, (120, 84, 10)),
+]
+
+
+def reference(x, weights, biases, target):
+    for weight, bias in zip(weights[:-1], biases[:-1]):
+        x = F.relu(F.linear(x, weight, bias))
+    logits = F.linear(x, weights[-1], biases[-1])
+    return F.cross_entropy(logits, target), logits
+
+
+def head_inputs(batch, n_in, widths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n_in, generator=g)
+    weights, biases, fan_in = [], [], n_in
+    for width in widths:
+        weights.append(torch.randn(width, fan_in, generator=g) / fan_in**0.5)
+        biases.append(torch.randn(width, generator=g) * 0.1)
+        fan_in = width
+    target = torch.randint(0, widths[-1], (batch,), generator=g)
+    return x, weights, biases, target
+
+
+def run(fn, x, weights, biases, target, device, dtype):
+    """(loss, logits, gradients of x, weights..., biases...) for loss * 0.75 + (logits * G).sum()."""
+    x = leaf(x.to(device, dtype))
+    weights = [leaf(w.to(device, dtype)) for w in weights]
+    biases = [leaf(b.to(device, dtype)) for b in biases]
+    loss, logits = fn(x, weights, biases, target.to(device))
+    g = torch.linspace(-1, 1, logits.numel(), dtype=dtype, device=device).reshape(logits.shape)
+    grads = torch.autograd.grad(loss * 0.75 + (logits * g).sum(), [x, *weights, *biases])
+    return loss, logits, grads
+
+
+def compare(backend, device, inputs):
+    loss, logits, grads = run(lambda *a: ops.mlp_cross_entropy(*a, backend=backend), *inputs, device, torch.float32)
+    ref_loss, ref_logits, ref_grads = run(reference, *inputs, "cpu", torch.float64)
+    assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == torch.device(device).type
+    assert_close_scaled(loss, ref_loss, FWD_REL, "loss")
+    assert_close_scaled(logits, ref_logits, FWD_REL, "logits")
+    for i, (got, want) in enumerate(zip(grads, ref_grads)):
+        assert_close_scaled(got, want, GRAD_REL, f"gradient of input {i}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-" + "-".join(map(str, s[2])))
+def test_matches_stock(backend_device, shape):
+    backend, device = backend_device
+    compare(backend, device, head_inputs(*shape))
+
+
+def test_nan_input_gives_nan_like_stock(backend_device):
+    backend, device = backend_device
+    x, weights, biases, target = head_inputs(6, 9, (7, 4), seed=3)
+    x[2, 5] = float("nan")
+    compare(backend, device, (x, weights, biases, target))
+
+
+def test_large_logits_do_not_overflow(backend_device):
+    backend, device = backend_device
+    x, weights, biases, target = head_inputs(5, 8, (6,), seed=4)
+    compare(backend, device, (x * 300.0, weights, biases, target))  # logits ~ +-1e3: exp() needs the max shift
+
+
+def test_target_out_of_range_fails(backend_device):
+    backend, device = backend_device
+    x, weights, biases, target = head_inputs(4, 5, (3,), seed=5)
+    target[1] = 3
+    if device == "cuda":
+        pytest.skip("out-of-range targets trip a device-side assert on CUDA, as in stock")
+    with pytest.raises((RuntimeError, IndexError), match="3"):
+        ops.mlp_cross_entropy(x.to(device), [w.to(device) for w in weights], [b.to(device) for b in biases],
+                              target.to(device), backend=backend)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda a: {**a, "weights": a["weights"][0]}, TypeError, "weights and biases must be lists"),
+        (lambda a: {**a, "biases": a["biases"][:1]}, ValueError, "one bias per weight"),
+        (lambda a: {**a, "weights": [], "biases": []}, ValueError, "at least one layer"),
+        (lambda a: {**a, "x": a["x"][:, :4]}, ValueError, r"x has 4 features .* weights\[0\] expects 5"),
+        (lambda a: {**a, "weights": [a["weights"][0], a["weights"][1][:, :2]]}, ValueError,
+         r"layer 0 gives 3 features .* weights\[1\] expects 2"),
+        (lambda a: {**a, "biases": [a["biases"][0], a["biases"][1][:1]]}, ValueError, r"biases\[1\] must have shape"),
+        (lambda a: {**a, "target": a["target"].float()}, TypeError, "target must be an int64 tensor"),
+        (lambda a: {**a, "target": a["target"][:2]}, ValueError, r"target must have shape \(4,\)"),
+        (lambda a: {**a, "x": a["x"].double()}, TypeError, r"weights\[0\] has dtype torch.float32"),
+        (lambda a: {**a, "x": a["x"][0]}, ValueError, "x must be 2-D"),
+    ],
+    ids=["weights-not-list", "bias-count", "no-layers", "x-features", "layer-chain", "bias-shape",
+         "target-dtype", "target-shape", "dtype-mismatch", "x-rank"],
+)
+def test_bad_input_names_the_argument(change, error, message):
+    x, weights, biases, target = head_inputs(4, 5, (3, 2), seed=6)
+    args = change({"x": x, "weights": weights, "biases": biases, "target": target})
+    with pytest.raises(error, match=message):
+        ops.mlp_cross_entropy(args["x"], args["weights"], args["biases"], args["target"], backend="torch")
