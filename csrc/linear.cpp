@@ -1,10 +1,12 @@
 // linear + bias (+ ReLU): torch-facing wrappers and CPU kernels.
-// The GEMMs go to at::mm / at::addmm (MKL / cuBLAS); bias + ReLU is one fused pass over
-// the GEMM output (without ReLU the bias rides in the GEMM, as in stock addmm), and the backward's ReLU mask + bias gradient is one fused pass
-// (column sums in row order: deterministic).
+// The GEMMs go to at::mm / at::addmm (MKL / cuBLAS).  Forward: bias + ReLU is one fused
+// pass over the GEMM output (without ReLU the bias rides in the GEMM, as in stock addmm).
+// Backward: the ReLU mask + bias gradient is one fused pass (column sums in row order:
+// deterministic); on the CPU the two GEMMs then run side by side, one per thread.
 #include <algorithm>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -130,6 +132,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& g_, 
                                         gm.mutable_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>(), N, O, do_relu);
     });
     if (!weight_grad) gb = empty0(g);
+  }
+  // Both GEMMs at once, one per thread: for layers as small as LeNet's, MKL splitting
+  // each GEMM over both threads waits more than it computes (interleaved A/B, 2-core
+  // EPYC, batch 64: a training step 2-5% faster).  Inside the parallel region MKL runs
+  // single-threaded, so each result is that of a single-threaded at::mm.
+  if (input_grad && weight_grad && g.is_cpu() && at::get_num_threads() > 1) {
+    at::Tensor gx = at::empty({N, w.size(1)}, g.options());
+    at::Tensor gw = at::empty({O, x.size(1)}, g.options());
+    at::parallel_for(0, 2, 1, [&](int64_t i0, int64_t i1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel: no graph to record
+      for (int64_t i = i0; i < i1; ++i) {
+        if (i == 0) at::mm_out(gx, gm, w);
+        else at::mm_out(gw, gm.t(), x);
+      }
+    });
+    return {gx, gw, gb};
   }
   at::Tensor gx = input_grad ? at::mm(gm, w) : empty0(g);
   at::Tensor gw = weight_grad ? at::mm(gm.t(), x) : empty0(g);

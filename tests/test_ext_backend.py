@@ -390,6 +390,26 @@ def test_linear_deterministic_across_runs(shape):
             assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("shape", [(64, 400, 120), (100, 84, 10), (1024, 400, 120)], ids=lambda s: "x".join(map(str, s)))
+def test_linear_backward_same_bits_on_any_thread_count(shape):
+    """The backward's two GEMMs run one per thread (MKL single-threaded inside the
+    region), so its gradients do not depend on the thread count."""
+    n, k, o = shape
+    g = torch.Generator().manual_seed(14)
+    x, w = torch.randn(n, k, generator=g), torch.randn(o, k, generator=g)
+    out, grad = torch.randn(n, o, generator=g), torch.randn(n, o, generator=g)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            runs.append(OPS.ext_linear_backward(grad, out, x, w, True, True, True))
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
 def test_mlp_cross_entropy_deterministic_across_runs():
     x, weights, biases, target = _head_inputs(torch.float32, "cpu", n=64, widths=(120, 84, 10))
     runs = []
