@@ -62,44 +62,56 @@ class LeNet(nn.Module):
         return backends.resolve(self.backend, device, self.conv1.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        impl, x = self._features(x)
-        x = impl.linear(x, self.fc1.weight, self.fc1.bias, True)
-        x = impl.linear(x, self.fc2.weight, self.fc2.bias, True)
-        return impl.linear(x, self.fc3.weight, self.fc3.bias, False)
+        impl, x, (w1, b1, w2, b2, w3, b3) = self._features(x)
+        x = impl.linear(x, w1, b1, True)
+        x = impl.linear(x, w2, b2, True)
+        return impl.linear(x, w3, b3, False)
 
     def forward_with_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross_entropy(self(x), target), self(x)) with the classifier head and the loss
         fused into one op (`lenet_fast.ops.mlp_cross_entropy`): what training calls."""
-        impl, x = self._features(x)
+        impl, x, head = self._features(x)
         if not (isinstance(target, torch.Tensor) and target.dtype == torch.int64
                 and target.shape == x.shape[:1] and target.device == x.device):
             got = (f"{target.dtype} of shape {tuple(target.shape)} on {target.device}"
                    if isinstance(target, torch.Tensor) else type(target).__name__)
             raise ValueError(f"target must be int64 of shape ({x.shape[0]},) on {x.device}, got {got}")
-        fcs = (self.fc1, self.fc2, self.fc3)
-        return impl.mlp_cross_entropy(x, [fc.weight for fc in fcs], [fc.bias for fc in fcs], target)
+        return impl.mlp_cross_entropy(x, list(head[0::2]), list(head[1::2]), target)
 
     def _features(self, x: torch.Tensor):
-        """(backend implementation, flattened conv features) after checking x once."""
+        """(backend implementation, flattened conv features, the head's six parameters)
+        after checking x once."""
         # The layers' arguments are this module's own parameters, whose shapes
         # nn.Conv2d / nn.Linear fix, so only x is checked, once, against them;
         # the backend's functions are then called directly.  (Re-validating
         # every layer through lenet_fast.ops made an ext training step on the
         # CPU ~7% slower, batch 64.)
-        w = self.conv1.weight
+        w1, b1, w2, b2, *head = self._layer_parameters()
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"LeNet expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
+        if x.dim() != 4 or x.shape[1:] != IMAGE_SHAPE:
             raise ValueError(f"LeNet expects x of shape (N, 1, 28, 28), got {tuple(x.shape)}")
-        if x.device != w.device or x.dtype != w.dtype:
+        if x.device != w1.device or x.dtype != w1.dtype:
             raise ValueError(
-                f"x is {x.dtype} on {x.device} but the model's parameters are {w.dtype} on {w.device}; "
+                f"x is {x.dtype} on {x.device} but the model's parameters are {w1.dtype} on {w1.device}; "
                 "move one to match (model.to(...) or x.to(...))"
             )
         impl = backends.implementation(self.backend, x.device, x.dtype)
-        x = impl.conv3x3_relu_maxpool2x2(x, w, self.conv1.bias, 0)
-        x = impl.conv3x3_relu_maxpool2x2(x, self.conv2.weight, self.conv2.bias, 0)
-        return impl, torch.flatten(x, 1)
+        x = impl.conv3x3_relu_maxpool2x2(x, w1, b1, 0)
+        x = impl.conv3x3_relu_maxpool2x2(x, w2, b2, 0)
+        return impl, torch.flatten(x, 1), head
+
+    def _layer_parameters(self) -> list:
+        """[weight, bias] of conv1, conv2, fc1, fc2, fc3, in that order."""
+        # Read from the layers' parameter dicts: `self.fc1.weight` goes through
+        # nn.Module.__getattr__ twice (~2 us on the development CPU, ten times a
+        # step); getattr remains the fallback for a parametrized weight.
+        layers = self._modules
+        return [
+            layer._parameters.get(kind) if kind in layer._parameters else getattr(layer, kind)
+            for layer in (layers["conv1"], layers["conv2"], layers["fc1"], layers["fc2"], layers["fc3"])
+            for kind in ("weight", "bias")
+        ]
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

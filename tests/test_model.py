@@ -73,20 +73,24 @@ def exact_model_and_batch(batch=32, seed=0):
     return state, images, labels
 
 
-def training_step(backend, device, state, images, labels):
+def training_step(backend, device, state, images, labels, fused_head=False):
     model = LeNet(backend=backend).to(device, images.dtype)
     model.load_state_dict(state)
-    loss = torch.nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
+    if fused_head:
+        loss, _ = model.forward_with_loss(images.to(device), labels.to(device))
+    else:
+        loss = torch.nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
     loss.backward()
     return loss.detach(), {k: p.grad for k, p in model.named_parameters()}
 
 
-def test_training_step_matches_torch(backend_device):
+@pytest.mark.parametrize("fused_head", [False, True], ids=["forward", "forward_with_loss"])
+def test_training_step_matches_torch(backend_device, fused_head):
     backend, device = backend_device
     state, images, labels = exact_model_and_batch()
     ref_loss, ref_grads = training_step("torch", "cpu", {k: v.double() for k, v in state.items()},
                                         images.double(), labels)
-    loss, grads = training_step(backend, device, state, images, labels)
+    loss, grads = training_step(backend, device, state, images, labels, fused_head)
     assert_close_scaled(loss, ref_loss, 1e-5, "loss")
     for name, ref in ref_grads.items():
         assert_close_scaled(grads[name], ref, 5e-5, f"grad of {name}")
@@ -105,6 +109,32 @@ def test_backward_is_deterministic(backend_device):
     assert torch.equal(first[0], second[0])
     for name in first[1]:
         assert torch.equal(first[1][name], second[1][name]), f"grad of {name} differs between runs"
+
+
+def test_parametrized_weight_is_used():
+    """LeNet reads its parameters from the layers' dicts for speed; a parametrized
+    weight (torch.nn.utils.parametrize) must still be what the forward uses."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    torch.manual_seed(4)
+    stock, ours = TorchLeNet(), LeNet(backend="torch")
+    ours.load_state_dict(stock.state_dict())
+    for model in (stock, ours):
+        parametrize.register_parametrization(model.fc1, "weight", Doubled())
+    x, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 2, 3])
+    torch.testing.assert_close(ours(x), stock(x))
+    torch.testing.assert_close(ours.forward_with_loss(x, y)[0], torch.nn.functional.cross_entropy(stock(x), y))
+
+
+def test_rejects_bad_target():
+    model, x = LeNet(backend="torch"), torch.randn(2, 1, 28, 28)
+    for target in (torch.tensor([1.0, 2.0]), torch.tensor([1, 2, 3]), [1, 2]):
+        with pytest.raises(ValueError, match=r"target must be int64 of shape \(2,\)"):
+            model.forward_with_loss(x, target)
 
 
 def test_model_moves_between_devices_with_auto_backend():
