@@ -139,11 +139,15 @@ def mlp_cross_entropy(x, weights, biases, target, *, backend: str = "auto") -> t
     if len(weights) == 0 or len(weights) != len(biases):
         raise ValueError(f"need one bias per weight and at least one layer, got {len(weights)} weights "
                          f"and {len(biases)} biases")
-    features = x.shape[1]
+    features, device, dtype = x.shape[1], x.device, x.dtype
     for i, (weight, bias) in enumerate(zip(weights, biases)):
-        _check_tensor(f"weights[{i}]", weight, 2)
-        _check_tensor(f"biases[{i}]", bias, 1)
-        _check_same(x, **{f"weights[{i}]": weight, f"biases[{i}]": bias})
+        # Names are formatted only on failure: per layer they cost more than the checks.
+        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype == dtype
+                and isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.dtype == dtype
+                and weight.device == device and bias.device == device):
+            _check_tensor(f"weights[{i}]", weight, 2)
+            _check_tensor(f"biases[{i}]", bias, 1)
+            _check_same(x, **{f"weights[{i}]": weight, f"biases[{i}]": bias})
         if weight.shape[1] != features:
             what = f"x has {features} features (shape {tuple(x.shape)})" if i == 0 else (
                 f"layer {i - 1} gives {features} features (weights[{i - 1}] shape {tuple(weights[i - 1].shape)})")
