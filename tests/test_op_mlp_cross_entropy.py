@@ -83,6 +83,16 @@ def test_large_logits_do_not_overflow(backend_device):
     compare(backend, device, (x * 300.0, weights, biases, target))  # logits ~ +-1e3: exp() needs the max shift
 
 
+def test_non_contiguous_inputs(backend_device):
+    backend, device = backend_device
+    x, weights, biases, target = head_inputs(9, 12, (7, 5), seed=7)
+    x = x.t().contiguous().t()                                        # column-major
+    weights = [w.t().contiguous().t() for w in weights]
+    target = torch.stack([target, target], 1)[:, 0]                   # stride 2
+    assert not x.is_contiguous() and not weights[0].is_contiguous() and not target.is_contiguous()
+    compare(backend, device, (x, weights, biases, target))
+
+
 def test_target_out_of_range_fails(backend_device):
     backend, device = backend_device
     x, weights, biases, target = head_inputs(4, 5, (3,), seed=5)
