@@ -37,7 +37,7 @@ T softmax_cross_entropy_cpu(const T* z, const int64_t* target, T* dz, int64_t N,
     const T* zr = z + n * C;
     T* dr = dz + n * C;
     const int64_t t = target[n];
-    TORCH_CHECK(t >= 0 && t < C, "lenet_fast ext: target[", n, "] = ", t, " is not a class index in [0, ", C, ")");
+    TORCH_CHECK_INDEX(t >= 0 && t < C, "lenet_fast ext: target[", n, "] = ", t, " is not a class index in [0, ", C, ")");
     T m = zr[0];
     for (int64_t c = 1; c < C; ++c) m = (zr[c] > m || std::isnan(zr[c])) ? zr[c] : m;  // NaN wins, as in stock
     acc_t s = 0;

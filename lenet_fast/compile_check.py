@@ -85,6 +85,7 @@ def lenet_launches(batch: int) -> list:
     )
     from lenet_fast.kernels.linear import linear_backward_input, linear_backward_params, linear_forward
     from lenet_fast.kernels.maxpool2x2 import maxpool2x2_backward, maxpool2x2_forward
+    from lenet_fast.kernels.mlp_cross_entropy import softmax_cross_entropy
     from lenet_fast.model import IMAGE_SHAPE, TorchLeNet
 
     layers = TorchLeNet()  # only for the layer shapes
@@ -120,6 +121,7 @@ def lenet_launches(batch: int) -> list:
             record(f"{name} bwd", linear_backward_input, grad, y, w, relu)
             record(f"{name} bwd", linear_backward_params, grad, y, x, relu)
             x = y
+        record("loss", softmax_cross_entropy, x, torch.empty((batch,), dtype=torch.int64, device="cuda"))
 
         # The unfused kernels, at the same layer shapes.
         x = torch.empty((batch, *IMAGE_SHAPE), device="cuda")

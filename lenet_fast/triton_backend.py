@@ -16,6 +16,7 @@ graphs with their kernels visible (wrap_triton), and autograd is attached with
     lenet_fast::triton_linear                          (x, weight, bias?, relu) -> out
     lenet_fast::triton_linear_backward_input           (grad, out, weight, relu) -> grad_x
     lenet_fast::triton_linear_backward_params          (grad, out, x, relu) -> (grad_w, grad_b)
+    lenet_fast::triton_softmax_cross_entropy           (logits, target) -> (mean loss, d loss / d logits)
 
 The backward of each op saves only its inputs and its (pooled) output: ReLU's
 mask is recomputed from the output and the pooling winner travels as int8.
@@ -43,6 +44,7 @@ from .kernels.conv3x3_relu_maxpool2x2 import (
 )
 from .kernels.linear import linear_backward_input, linear_backward_params, linear_forward
 from .kernels.maxpool2x2 import maxpool2x2_backward, maxpool2x2_forward
+from .kernels.mlp_cross_entropy import softmax_cross_entropy
 
 DTYPES = (torch.float32,)
 
@@ -207,6 +209,28 @@ def _linear_bwd(ctx, grad):
 register_autograd("lenet_fast::triton_linear", _linear_bwd, setup_context=_linear_setup)
 
 
+# --------------------------------------------------------------------------- softmax + cross-entropy (the head's loss)
+
+
+@triton_op("lenet_fast::triton_softmax_cross_entropy", mutates_args=())
+def _softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return softmax_cross_entropy(logits, target)
+
+
+def _softmax_cross_entropy_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _softmax_cross_entropy_bwd(ctx, grad_loss, _grad_dlogits):
+    (dlogits,) = ctx.saved_tensors
+    return dlogits * grad_loss, None
+
+
+register_autograd("lenet_fast::triton_softmax_cross_entropy", _softmax_cross_entropy_bwd,
+                  setup_context=_softmax_cross_entropy_setup)
+
+
 # --------------------------------------------------------------------------- the backend API (see lenet_fast.backends)
 
 
@@ -240,10 +264,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
 
 def mlp_cross_entropy(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # The Triton linear kernels layer by layer, then stock cross-entropy: no single fused
-    # Triton kernel for the head yet (the ext backend has the one-op head).
+    # The linear kernels layer by layer, then the one-pass loss kernel.
     _check_dtype(x)
     for weight, bias in zip(weights[:-1], biases[:-1]):
         x = _linear(x, weight, bias, True)
     logits = _linear(x, weights[-1], biases[-1], False)
-    return torch.nn.functional.cross_entropy(logits, target), logits
+    loss, _ = _softmax_cross_entropy(logits, target)
+    return loss, logits

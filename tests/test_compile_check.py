@@ -25,6 +25,7 @@ TRITON_KERNELS = {
     "linear_fwd_kernel",
     "linear_bwd_input_kernel",
     "linear_bwd_weight_kernel",
+    "softmax_cross_entropy_kernel",
 }
 
 
@@ -59,7 +60,7 @@ def test_lenet_batches_64_and_1024_are_covered(report):
     _, data = report
     used = {u for r in data["rows"] if r["source"] == "triton" for u in r["used_by"]}
     for batch in (64, 1024):
-        for layer in ("conv1 fwd", "conv1 bwd", "conv2 fwd", "conv2 bwd", "fc1 fwd", "fc1 bwd", "fc3 bwd"):
+        for layer in ("conv1 fwd", "conv1 bwd", "conv2 fwd", "conv2 bwd", "fc1 fwd", "fc1 bwd", "fc3 bwd", "loss"):
             assert f"{layer} @{batch}" in used
 
 

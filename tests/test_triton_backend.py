@@ -73,6 +73,7 @@ OP_NAMES = [
     "triton_linear",
     "triton_linear_backward_input",
     "triton_linear_backward_params",
+    "triton_softmax_cross_entropy",
 ]
 
 
@@ -101,6 +102,8 @@ def _forward_op_cases():
         "maxpool2x2": (OPS.triton_maxpool2x2.default, (x,)),
         "conv3x3_relu_maxpool2x2": (OPS.triton_conv3x3_relu_maxpool2x2.default, (x, w, None, 0)),
         "linear": (OPS.triton_linear.default, (randn(5, 42, seed=4), randn(6, 42, seed=5), randn(6, seed=6), True)),
+        "softmax_cross_entropy": (OPS.triton_softmax_cross_entropy.default,
+                                  (randn(5, 7, seed=7), torch.tensor([0, 6, 3, 3, 1], device=DEVICE))),
     }
 
 
@@ -113,15 +116,19 @@ OPCHECK_TESTS = ("test_schema", "test_autograd_registration") + (
 )
 
 
-@pytest.mark.parametrize("case", ["conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear"])
+FORWARD_OPS = ["conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear", "softmax_cross_entropy"]
+
+
+@pytest.mark.parametrize("case", FORWARD_OPS)
 def test_opcheck(case):
     op, args = _forward_op_cases()[case]
-    args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
     torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="fake-tensor tracing cannot run interpreted Triton kernels (BUILDING.md)")
-@pytest.mark.parametrize("case", ["conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear"])
+@pytest.mark.parametrize("case", FORWARD_OPS)
 def test_fake_tensor_shapes_match_real(case):
     op, args = _forward_op_cases()[case]
     real = op(*args)
@@ -319,6 +326,28 @@ def test_lenet_training_step_matches_torch():
 
 
 # --------------------------------------------------------------------------- backend-level behaviour
+
+
+def test_softmax_cross_entropy_kernel_blocks_and_bad_targets():
+    """Several programs of 16 rows (as on a GPU), and a target outside [0, C) turning
+    only its own row's loss and gradient into NaN (the wrapper raises before that on
+    the CPU; on a GPU this NaN is what flags it)."""
+    from lenet_fast.kernels.mlp_cross_entropy import softmax_cross_entropy_kernel
+
+    z = randn(40, 10, seed=8) * 3
+    t = torch.randint(0, 10, (40,), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    t[17], t[33] = 10, -1
+    row_loss, dz = torch.empty(40, device=DEVICE), torch.empty_like(z)
+    _common.launch(softmax_cross_entropy_kernel, (3,), z, t, row_loss, dz, 40, 10, 1.0 / 40,
+                   BLOCK_R=16, BLOCK_C=16, num_warps=4)
+    bad = torch.zeros(40, dtype=torch.bool, device=DEVICE)
+    bad[17] = bad[33] = True
+    assert row_loss[bad].isnan().all() and dz[bad].isnan().all()
+    good = ~bad
+    ref = F.cross_entropy(z[good].double(), t[good], reduction="none")
+    assert_close_to_scale(row_loss[good], ref, "row losses")
+    ref_dz = (torch.softmax(z[good].double(), 1) - F.one_hot(t[good], 10).double()) / 40
+    assert_close_to_scale(dz[good], ref_dz, "d loss / d logits")
 
 
 def test_rejects_dtypes_other_than_float32():
