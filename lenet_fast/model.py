@@ -108,7 +108,7 @@ class LeNet(nn.Module):
         # step); getattr remains the fallback for a parametrized weight.
         layers = self._modules
         return [
-            layer._parameters.get(kind) if kind in layer._parameters else getattr(layer, kind)
+            layer._parameters[kind] if kind in layer._parameters else getattr(layer, kind)
             for layer in (layers["conv1"], layers["conv2"], layers["fc1"], layers["fc2"], layers["fc3"])
             for kind in ("weight", "bias")
         ]
