@@ -200,7 +200,9 @@ def conv3x3_relu_maxpool2x2_forward(x: torch.Tensor, weight: torch.Tensor, bias:
     if out.numel() == 0:
         return out, idx
     n_pix = N * PH * PW
-    cfg = conv_forward_config(n_pix, C_in, C_out, x.is_cuda)
+    # Eight warps: a program holds four conv tiles (one per pool-window corner), and with
+    # four warps Triton 3.6 needs 255 registers per thread for conv2 and spills (3.8: 154).
+    cfg = {**conv_forward_config(n_pix, C_in, C_out, x.is_cuda), "num_warps": 8}
     grid = (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(C_out, cfg["BLOCK_CO"]))
     launch(
         conv3x3_relu_maxpool2x2_fwd_kernel, grid,

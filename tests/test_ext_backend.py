@@ -8,6 +8,8 @@ kernels are present.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -391,23 +393,29 @@ def test_linear_deterministic_across_runs(shape):
 
 
 @pytest.mark.parametrize("shape", [(64, 400, 120), (100, 84, 10), (1024, 400, 120)], ids=lambda s: "x".join(map(str, s)))
-def test_linear_backward_same_bits_on_any_thread_count(shape):
-    """The backward's two GEMMs run one per thread (MKL single-threaded inside the
-    region), so its gradients do not depend on the thread count."""
+def test_linear_backward_deterministic_per_thread_count(shape):
+    """The backward's two GEMMs run side by side, one per thread: for each thread count
+    the gradients are the same bits run after run, and across thread counts they agree
+    to float32 GEMM rounding.  (Bitwise across thread counts is not promised: torch turns
+    MKL's dynamic threading off, so MKL may split a GEMM's reduction for the global thread
+    count even inside the region; a 16-core Xeon did so at 1024x400x120.)"""
     n, k, o = shape
     g = torch.Generator().manual_seed(14)
     x, w = torch.randn(n, k, generator=g), torch.randn(o, k, generator=g)
     out, grad = torch.randn(n, o, generator=g), torch.randn(n, o, generator=g)
     threads = torch.get_num_threads()
-    runs = []
+    by_count = {}
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            runs.append(OPS.ext_linear_backward(grad, out, x, w, True, True, True))
+            first, second = (OPS.ext_linear_backward(grad, out, x, w, True, True, True) for _ in range(2))
+            for a, c in zip(first, second):
+                assert torch.equal(a, c), f"{count} thread(s): two runs differ"
+            by_count[count] = first
     finally:
         torch.set_num_threads(threads)
-    for a, c in zip(*runs):
-        assert torch.equal(a, c)
+    for a, c in zip(by_count[1], by_count[2]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-4)
 
 
 def test_mlp_cross_entropy_deterministic_across_runs():
@@ -471,6 +479,17 @@ def test_torch_compile_fullgraph_mlp_cross_entropy():
         torch.testing.assert_close(a, c)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_failed_kernel_check_is_a_python_error(device):
+    """A failed TORCH_CHECK inside the extension reaches Python as an exception.  (On the
+    H200 machine, torch 2.11 / Python 3.12, the IndexError of an out-of-range target in
+    the CPU head killed the process instead; this separates "every C++ throw crashes
+    there" from "that one does".)"""
+    x, w = torch.randn(4, 5, device=device), torch.randn(3, 6, device=device)
+    with pytest.raises(RuntimeError, match="linear expects x"):
+        OPS.ext_linear(x, w, None, False)
+
+
 # --- build facts ---------------------------------------------------------------------------
 def test_cuda_resource_usage():
     from lenet_fast import ext_resources
@@ -480,7 +499,11 @@ def test_cuda_resource_usage():
             ext_resources.cuda_resource_usage()
         return
     rows = ext_resources.cuda_resource_usage()
-    assert {r["arch"] for r in rows} >= {"sm_80", "sm_90"}
+    # The architectures the build was asked for (setup.py's default: sm_80 and sm_90;
+    # gpu_check.sh builds for the local GPU only).
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(" ", ";").split(";")
+    wanted = {"sm_" + a.removesuffix("+PTX").replace(".", "") for a in arch_list if a}
+    assert {r["arch"] for r in rows} >= wanted
     spilled = [r for r in rows if r["local"] or r["stack"]]
     assert not spilled, spilled
 
