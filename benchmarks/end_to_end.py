@@ -134,10 +134,15 @@ class Run:
         if contender.cuda_graph:
             self.graphed = GraphedTrainStep(self.model, self.optimizer, BATCH_SIZE)
         elif contender.compile_mode is not None:
+            # Every batch shape the epoch will see, so that no compilation lands in the timed
+            # epoch: MNIST's smaller last batch (32 images) recompiles (0.5 s on the 2-core
+            # CPU; on a GPU, seconds: see README, "Benchmarks, GPU").
             snapshot = snapshot_training_state(self.model, self.optimizer)
-            x, y = train_set.images[:BATCH_SIZE], train_set.labels[:BATCH_SIZE]
-            for _ in range(3):  # reduce-overhead records its CUDA graphs after a couple of runs
-                train_step(self.model, self.optimizer, x, y)
+            shapes = {BATCH_SIZE, len(train_set) % BATCH_SIZE} - {0}
+            for n in sorted(shapes, reverse=True):
+                x, y = train_set.images[:n], train_set.labels[:n]
+                for _ in range(3):  # reduce-overhead records its CUDA graphs after a couple of runs
+                    train_step(self.model, self.optimizer, x, y)
             restore_training_state(self.model, self.optimizer, snapshot)
         _sync(device)
         self.warmup_seconds = time.perf_counter() - started

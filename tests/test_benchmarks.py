@@ -84,3 +84,22 @@ def test_gpu_check_refuses_clearly_without_a_gpu(tmp_path):
     assert result.returncode == 2
     assert "no usable CUDA GPU" in result.stdout
     assert "no usable CUDA GPU" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_compiled_contender_compiles_every_batch_shape_before_the_timed_epoch():
+    """torch.compile's (re)compilation belongs in the warm-up column, never in the epoch:
+    the smaller last batch must be compiled during warm-up too."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(2)
+    split = data.DeviceData(torch.randn(200, 1, 28, 28, generator=g), torch.randint(0, 10, (200,), generator=g))
+    assert len(split) % end_to_end.BATCH_SIZE != 0  # a smaller last batch, as in MNIST
+    torch._dynamo.reset()
+    counters.clear()
+    r = end_to_end.Run(end_to_end.Contender("torch.compile", compile_mode="default"), split, split, epochs=1,
+                       device=torch.device("cpu"))
+    compiled = counters["stats"]["unique_graphs"]
+    for _ in r.epoch(0):
+        pass
+    assert compiled > 0 and counters["stats"]["unique_graphs"] == compiled
+    torch._dynamo.reset()
