@@ -26,6 +26,14 @@ inline at::Tensor grad_or_undef(bool wanted, const at::Tensor& t) { return wante
 
 inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// Every Function below calls ctx->set_materialize_grads(false) in forward: otherwise the
+// engine allocates and zero-fills a gradient for each output that received none (the
+// winner codes, the head's logits and hidden activations: six tensors, ~400 KB of zeros
+// per LeNet training step), only for backward to ignore them.  So backward sees
+// undefined gradients instead, and an output gradient that is undefined means zero:
+// the inputs get undefined (= zero) gradients too.
+inline variable_list zero_grads(size_t inputs) { return variable_list(inputs); }
+
 // needs_input_grad() counts only the tensor inputs that were given, so an absent
 // bias has no slot: (x, weight[, bias]).
 struct NeedGrads {
@@ -41,6 +49,7 @@ struct ConvReluFn : public torch::autograd::Function<ConvReluFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const std::optional<at::Tensor>& b, int64_t pad) {
     static const auto op = op_handle<decltype(conv3x3_relu_fwd)>("lenet_fast::ext_conv3x3_relu");
+    ctx->set_materialize_grads(false);
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -53,6 +62,7 @@ struct ConvReluFn : public torch::autograd::Function<ConvReluFn> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<decltype(conv3x3_relu_bwd)>("lenet_fast::ext_conv3x3_relu_backward");
+    if (!grads[0].defined()) return zero_grads(4);
     const auto s = ctx->get_saved_variables();
     const NeedGrads ng = need_grads(ctx);
     auto [dx, dw, db] = op.call(grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
@@ -69,6 +79,7 @@ at::Tensor conv3x3_relu_autograd(const at::Tensor& x, const at::Tensor& w, const
 struct MaxPoolFn : public torch::autograd::Function<MaxPoolFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x) {
     static const auto op = op_handle<decltype(maxpool2x2_fwd)>("lenet_fast::ext_maxpool2x2");
+    ctx->set_materialize_grads(false);
     at::Tensor out, idx;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -80,6 +91,7 @@ struct MaxPoolFn : public torch::autograd::Function<MaxPoolFn> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<decltype(maxpool2x2_bwd)>("lenet_fast::ext_maxpool2x2_backward");
+    if (!grads[0].defined()) return zero_grads(1);
     const auto s = ctx->get_saved_variables();
     return {op.call(grads[0], s[1], s[0])};
   }
@@ -96,6 +108,7 @@ struct ConvReluPoolFn : public torch::autograd::Function<ConvReluPoolFn> {
                                const std::optional<at::Tensor>& b, int64_t pad) {
     static const auto op =
         op_handle<decltype(conv3x3_relu_maxpool2x2_fwd)>("lenet_fast::ext_conv3x3_relu_maxpool2x2");
+    ctx->set_materialize_grads(false);
     at::Tensor out, idx;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -110,6 +123,7 @@ struct ConvReluPoolFn : public torch::autograd::Function<ConvReluPoolFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
         op_handle<decltype(conv3x3_relu_maxpool2x2_bwd)>("lenet_fast::ext_conv3x3_relu_maxpool2x2_backward");
+    if (!grads[0].defined()) return zero_grads(4);
     const auto s = ctx->get_saved_variables();
     const NeedGrads ng = need_grads(ctx);
     auto [dx, dw, db] = op.call(grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
@@ -128,6 +142,7 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const std::optional<at::Tensor>& b, bool relu) {
     static const auto op = op_handle<decltype(linear_fwd)>("lenet_fast::ext_linear");
+    ctx->set_materialize_grads(false);
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -140,6 +155,7 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<decltype(linear_bwd)>("lenet_fast::ext_linear_backward");
+    if (!grads[0].defined()) return zero_grads(4);
     const auto s = ctx->get_saved_variables();
     const NeedGrads ng = need_grads(ctx);
     auto [dx, dw, db] = op.call(grads[0], s[2], s[0], s[1], ctx->saved_data["relu"].toBool(), ng.x, ng.w || ng.b);
@@ -159,6 +175,7 @@ struct MlpCrossEntropyFn : public torch::autograd::Function<MlpCrossEntropyFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
                                at::TensorList biases, const at::Tensor& target) {
     static const auto op = op_handle<decltype(mlp_cross_entropy_fwd)>("lenet_fast::ext_mlp_cross_entropy");
+    ctx->set_materialize_grads(false);
     at::Tensor loss, logits, dlogits;
     std::vector<at::Tensor> hidden;
     {
@@ -179,6 +196,7 @@ struct MlpCrossEntropyFn : public torch::autograd::Function<MlpCrossEntropyFn> {
         op_handle<decltype(mlp_cross_entropy_bwd)>("lenet_fast::ext_mlp_cross_entropy_backward");
     const auto s = ctx->get_saved_variables();
     const size_t L = (s.size() - 2) / 2;  // x, logits, dlogits, L weights, L - 1 hidden
+    if (!grads[0].defined() && !grads[1].defined()) return zero_grads(2 + 2 * L);  // x, weights, biases, target
     const at::TensorList weights(s.data() + 3, L), hidden(s.data() + 3 + L, L - 1);
     bool weight_grad = false;
     for (size_t i = 1; i <= 2 * L; ++i) weight_grad = weight_grad || ctx->needs_input_grad(i);

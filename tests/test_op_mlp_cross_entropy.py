@@ -43,20 +43,23 @@ def head_inputs(batch, n_in, widths, seed=0):
     return x, weights, biases, target
 
 
-def run(fn, x, weights, biases, target, device, dtype):
-    """(loss, logits, gradients of x, weights..., biases...) for loss * 0.75 + (logits * G).sum()."""
+def run(fn, x, weights, biases, target, device, dtype, reach=("loss", "logits")):
+    """(loss, logits, gradients of x, weights..., biases...) for loss * 0.75 + (logits * G).sum(),
+    or one of the two terms alone (`reach`): the other output then gets no gradient at all."""
     x = leaf(x.to(device, dtype))
     weights = [leaf(w.to(device, dtype)) for w in weights]
     biases = [leaf(b.to(device, dtype)) for b in biases]
     loss, logits = fn(x, weights, biases, target.to(device))
     g = torch.linspace(-1, 1, logits.numel(), dtype=dtype, device=device).reshape(logits.shape)
-    grads = torch.autograd.grad(loss * 0.75 + (logits * g).sum(), [x, *weights, *biases])
+    terms = {"loss": loss * 0.75, "logits": (logits * g).sum()}
+    grads = torch.autograd.grad(sum(terms[name] for name in reach), [x, *weights, *biases])
     return loss, logits, grads
 
 
-def compare(backend, device, inputs):
-    loss, logits, grads = run(lambda *a: ops.mlp_cross_entropy(*a, backend=backend), *inputs, device, torch.float32)
-    ref_loss, ref_logits, ref_grads = run(reference, *inputs, "cpu", torch.float64)
+def compare(backend, device, inputs, reach=("loss", "logits")):
+    loss, logits, grads = run(lambda *a: ops.mlp_cross_entropy(*a, backend=backend), *inputs, device, torch.float32,
+                              reach)
+    ref_loss, ref_logits, ref_grads = run(reference, *inputs, "cpu", torch.float64, reach)
     assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == torch.device(device).type
     assert_close_scaled(loss, ref_loss, FWD_REL, "loss")
     assert_close_scaled(logits, ref_logits, FWD_REL, "logits")
@@ -68,6 +71,14 @@ def compare(backend, device, inputs):
 def test_matches_stock(backend_device, shape):
     backend, device = backend_device
     compare(backend, device, head_inputs(*shape))
+
+
+@pytest.mark.parametrize("reach", ["loss", "logits"])
+def test_gradient_through_one_output_only(backend_device, reach):
+    """Training uses the loss alone; the other output's gradient is then absent (not
+    zeros: the ext autograd node does not materialise it)."""
+    backend, device = backend_device
+    compare(backend, device, head_inputs(64, 400, (120, 84, 10), seed=3), reach=(reach,))
 
 
 def test_nan_input_gives_nan_like_stock(backend_device):
