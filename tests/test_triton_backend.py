@@ -183,6 +183,27 @@ def test_maxpool_backward_traces():
     assert _traced_ops(step, randn(2, 3, 5, 6)) == ["triton_maxpool2x2", "triton_maxpool2x2_backward"]
 
 
+def test_eager_backward_launches_without_the_op_dispatcher(monkeypatch):
+    """Plain eager autograd calls the launch wrappers directly (a registered op's Python
+    dispatch costs as much host time as the launch); traced graphs still show the
+    backward ops (the two tests above)."""
+    def registered_op_called(*args):
+        raise AssertionError("a registered backward op was called in plain eager autograd")
+
+    for name in ("_conv3x3_relu_backward_input", "_conv3x3_relu_backward_params", "_maxpool2x2_backward",
+                 "_conv3x3_relu_maxpool2x2_backward_input", "_conv3x3_relu_maxpool2x2_backward_params",
+                 "_linear_backward_input", "_linear_backward_params"):
+        monkeypatch.setattr(tb, name, registered_op_called)
+    for fn, x_shape, w_shape, extra in LAYERS.values():
+        x, w, b = (t.requires_grad_() for t in (randn(*x_shape, seed=1), randn(*w_shape, seed=2),
+                                                 randn(w_shape[0], seed=3)))
+        fn(x, w, b, *extra).sum().backward()
+        assert x.grad is not None and w.grad is not None and b.grad is not None
+    x = randn(2, 3, 5, 6).requires_grad_()
+    tb.maxpool2x2(x).sum().backward()
+    assert x.grad is not None
+
+
 def test_gradient_not_requested_is_none():
     x = randn(2, 1, 8, 8)
     w = randn(3, 1, 3, 3).requires_grad_()
