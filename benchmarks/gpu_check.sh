@@ -85,7 +85,12 @@ export LENET_FAST_REQUIRE_BACKENDS=torch,triton,ext TRITON_INTERPRET=0
 # tests' subprocesses over the cores (worksteal: a few tests take 30-50 s; on an H200
 # machine with 16 cores the whole suite was ~950 s of test time).
 parallel=()
-"$PY" -c "import xdist" 2> /dev/null && parallel=(-n "$(( $(nproc) < 16 ? $(nproc) : 16 ))" --dist worksteal)
+if "$PY" -c "import xdist" 2> /dev/null; then
+    parallel=(-n "$(( $(nproc) < 16 ? $(nproc) : 16 ))")
+    # worksteal needs pytest-xdist >= 3.2
+    "$PY" -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2> /dev/null \
+        && parallel+=(--dist worksteal)
+fi
 stage tests 150 "$PY" -m pytest -q "${parallel[@]}" --maxfail=25 --durations=15 tests -p no:cacheprovider \
     --junitxml="$OUT/tests.xml"
 
