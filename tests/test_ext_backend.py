@@ -396,9 +396,9 @@ def test_linear_deterministic_across_runs(shape):
 def test_linear_backward_deterministic_per_thread_count(shape):
     """The backward's two GEMMs run side by side, one per thread: for each thread count
     the gradients are the same bits run after run, and across thread counts they agree
-    to float32 GEMM rounding.  (Bitwise across thread counts is not promised: torch turns
-    MKL's dynamic threading off, so MKL may split a GEMM's reduction for the global thread
-    count even inside the region; a 16-core Xeon did so at 1024x400x120.)"""
+    to float32 GEMM rounding.  (Bitwise across thread counts is not promised: the bits
+    differed at 1024x400x120 on a 16-core GPU host, most likely MKL splitting a GEMM's
+    reduction for the global thread count, as torch turns MKL's dynamic threading off.)"""
     n, k, o = shape
     g = torch.Generator().manual_seed(14)
     x, w = torch.randn(n, k, generator=g), torch.randn(o, k, generator=g)
