@@ -63,10 +63,9 @@ def _backward(op, launch_wrapper, grad: torch.Tensor, *args):
     An eager LeNet training step makes nine such calls; skipping them took its host time
     from 2,326 to 2,180 us (medians of 12 interleaved blocks, 2-core CPU, one thread,
     launches recorded instead of run), host time being what bounds a small net's eager
-    step on a GPU.  Under
-    tracing (a dispatch mode is active: torch.compile, export, make_fx, opcheck; or
-    tensor subclasses) or a torch.func transform the op is called, so graphs and
-    transforms see it as before.
+    step on a GPU.  Under tracing (a dispatch mode is active: torch.compile, export,
+    make_fx, opcheck; or tensor subclasses) or a torch.func transform the op is called,
+    so graphs and transforms see it as before.
     """
     eager = (type(grad) is torch.Tensor and _get_current_dispatch_mode() is None
              and not torch._C._are_functorch_transforms_active())

@@ -28,6 +28,20 @@ def assert_close_scaled(actual, expected, rel, name):
     torch.testing.assert_close(actual, expected, rtol=0, atol=rel * scale, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
+def head_inputs(batch, n_in, widths, seed=0):
+    """An MLP classifier head's inputs: x (batch, n_in), a weight and bias per layer width
+    (weights scaled by 1/sqrt(fan_in)), int64 targets among the last width's classes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n_in, generator=g)
+    weights, biases, fan_in = [], [], n_in
+    for width in widths:
+        weights.append(torch.randn(width, fan_in, generator=g) / fan_in**0.5)
+        biases.append(torch.randn(width, generator=g) * 0.1)
+        fan_in = width
+    target = torch.randint(0, widths[-1], (batch,), generator=g)
+    return x, weights, biases, target
+
+
 def grads_of(out, inputs, grad_out):
     """Gradients of (out * grad_out).sum() w.r.t. every input that requires grad (None otherwise)."""
     wanted = [t for t in inputs if t is not None and t.requires_grad]

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import head_inputs, leaf
+
 try:
     from lenet_fast import ext_backend as E
 except ImportError as exc:  # pragma: no cover
@@ -199,14 +201,10 @@ def test_gradcheck_maxpool_linear(device):
 
 
 def _head_inputs(dtype, device, n=4, widths=(5, 4, 3), seed=12):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g, dtype=dtype).to(device).requires_grad_()
-    weights, biases, fan_in = [], [], 6
-    for width in widths:
-        weights.append(torch.randn(width, fan_in, generator=g, dtype=dtype).to(device).requires_grad_())
-        biases.append(torch.randn(width, generator=g, dtype=dtype).to(device).requires_grad_())
-        fan_in = width
-    return x, weights, biases, torch.randint(0, widths[-1], (n,), generator=g).to(device)
+    """helpers.head_inputs as leaves of `dtype` on `device` (6 input features)."""
+    x, weights, biases, target = head_inputs(n, 6, widths, seed)
+    as_leaf = lambda t: leaf(t.to(device, dtype))  # noqa: E731
+    return as_leaf(x), [as_leaf(w) for w in weights], [as_leaf(b) for b in biases], target.to(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

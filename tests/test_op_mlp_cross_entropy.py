@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import FWD_REL, GRAD_REL, assert_close_scaled, leaf
+from helpers import FWD_REL, GRAD_REL, assert_close_scaled, head_inputs, leaf
 from lenet_fast import ops
 
 # (batch, in_features, layer widths): LeNet's head at batch 64, then the edges: one layer,
@@ -29,18 +29,6 @@ def reference(x, weights, biases, target):
         x = F.relu(F.linear(x, weight, bias))
     logits = F.linear(x, weights[-1], biases[-1])
     return F.cross_entropy(logits, target), logits
-
-
-def head_inputs(batch, n_in, widths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, n_in, generator=g)
-    weights, biases, fan_in = [], [], n_in
-    for width in widths:
-        weights.append(torch.randn(width, fan_in, generator=g) / fan_in**0.5)
-        biases.append(torch.randn(width, generator=g) * 0.1)
-        fan_in = width
-    target = torch.randint(0, widths[-1], (batch,), generator=g)
-    return x, weights, biases, target
 
 
 def run(fn, x, weights, biases, target, device, dtype, reach=("loss", "logits")):
