@@ -390,7 +390,8 @@ def test_linear_deterministic_across_runs(shape):
             assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("shape", [(64, 400, 120), (100, 84, 10), (1024, 400, 120)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(64, 400, 120), (100, 84, 10), (1024, 400, 120)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_linear_backward_deterministic_per_thread_count(shape):
     """The backward's two GEMMs run side by side, one per thread: for each thread count
     the gradients are the same bits run after run, and across thread counts they agree
