@@ -58,6 +58,20 @@ def test_first_layer_needs_no_input_grad(backend_device):
     )
 
 
+@pytest.mark.parametrize("shape", [(8, 1, 12, 12, 6), (8, 6, 13, 13, 16)], ids=["cin1", "cin6"])
+@pytest.mark.parametrize("bias_shift", [-1.0, -2.0, -4.0, -8.0])
+def test_mostly_masked_windows(backend_device, shape, bias_shift):
+    """ReLU blocks most pool winners, as in LeNet on real data (74-86% of conv2's windows
+    while training on MNIST; random inputs block far fewer): the backward must drop
+    exactly the masked windows, up to all of them."""
+    backend, device = backend_device
+    x, weight, bias = conv_inputs(*shape)
+    bias = bias + bias_shift
+    masked = (reference(x, weight, bias, 0) == 0).float().mean().item()
+    assert masked >= 0.3, f"only {masked:.0%} of the windows are masked: the test would not test masking"
+    check_op(fused(backend, 0), lambda x, w, b: reference(x, w, b, 0), [x, weight, bias], device=device)
+
+
 def test_constant_image_ties_route_to_first(backend_device):
     """A constant image makes all four conv outputs in a window equal and positive."""
     backend, device = backend_device
