@@ -28,7 +28,9 @@
 // Vectorisation is left to the compiler: the innermost loop of every hot kernel
 // runs over the lanes of a strip and is marked `omp simd` (compiled with
 // -fopenmp); the small fixed loops around it are fully unrolled so the
-// accumulators live in registers.
+// accumulators live in registers.  The one exception is an 8 x 8 transpose
+// (cpu_fused.h, channels-last <-> NCHW), which GCC does not derive from loops;
+// it has a plain-loop fallback.
 #define LF_UNROLL _Pragma("GCC unroll 16")
 #define LF_SIMD _Pragma("omp simd")
 

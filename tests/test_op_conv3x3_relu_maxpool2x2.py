@@ -17,10 +17,13 @@ from test_op_conv3x3_relu import conv_inputs
 # smallest image that pools (4x4), odd sizes whose last conv row/column is dropped by
 # the floor-mode pooling, padding 1 (a 3x3 image pools to 1x1), C_out 1, 64 channels,
 # an image wide enough that one pooled row spans two vector blocks of the CPU kernel
-# (17 pooled columns), and an empty batch.
+# (17 pooled columns), 5 channels with padding on a row of 10 pixels (the CPU
+# backward's channels-last conversion: one whole 8-pixel block and one overlapping
+# it), and an empty batch.
 SHAPES = [
     (64, 1, 28, 28, 6, 0),
     (64, 6, 13, 13, 16, 0),
+    (2, 5, 11, 10, 7, 1),
     (1, 1, 4, 4, 1, 0),
     (2, 3, 7, 6, 5, 1),
     (3, 2, 9, 8, 4, 0),
