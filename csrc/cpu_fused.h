@@ -388,12 +388,24 @@ inline void pack_image_cl_stride(const T* __restrict x, T* __restrict xcl, const
     }
 }
 
-// The channels-last layout with 8 channels (kClC) <-> NCHW, for floats: whole
-// 8 x 8 blocks (8 pixels x 8 channels) transposed in registers.  As strided
-// scalar loops these two conversions took 27% of conv2's backward (1 thread,
-// 51% masked windows).  A row is covered by blocks at 0, 8, ... and one last
-// block ending at the row's end (overlapping the one before, writing the same
-// values again); rows narrower than 8 pixels take the scalar loops.
+// The inverse: the interior of dX (Hpad x Wpad x C) -> grad_x (Cin x H x W, NCHW).
+template <typename T>
+inline void unpack_image_cl_stride(const T* __restrict dX, T* __restrict gx, const FusedGeom& g, int64_t C) {
+  for (int64_t ci = 0; ci < g.Cin; ++ci)
+    for (int64_t iy = 0; iy < g.H; ++iy) {
+      const T* src = dX + ((iy + g.pad) * g.Wpad + g.pad) * C + ci;
+      T* d = gx + (ci * g.H + iy) * g.W;
+      for (int64_t ix = 0; ix < g.W; ++ix) d[ix] = src[ix * C];
+    }
+}
+
+// pack_image_cl / unpack_image_cl: the strided loops above, except for floats
+// with 8 channels (kClC), where whole 8 x 8 blocks (8 pixels x 8 channels) are
+// transposed in registers.  As strided scalar loops these two conversions took
+// 27% of conv2's backward (1 thread, 51% masked windows).  A row is covered by
+// blocks at 0, 8, ... and one last block ending at the row's end (overlapping
+// the one before, writing the same values again); rows narrower than 8 pixels
+// take the loops.
 #if defined(__AVX__)
 inline void transpose8x8(__m256 (&r)[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -419,51 +431,52 @@ inline void transpose8x8(__m256 (&r)[8]) {
 }
 #endif
 
-// x (Cin <= 8 channels, NCHW) -> the interior of xcl (Hpad x Wpad x 8); channels
-// >= Cin are written as zeros.
-inline void pack_image_cl8(const float* __restrict x, float* __restrict xcl, const FusedGeom& g) {
+// x (NCHW) -> the interior of xcl (Hpad x Wpad x C); in the transposing path the
+// channels >= Cin are written as zeros (the loops leave them as they are: zero).
+template <typename T, int C>
+inline void pack_image_cl(const T* __restrict x, T* __restrict xcl, const FusedGeom& g) {
 #if defined(__AVX__)
-  if (g.W >= 8) {
-    for (int64_t iy = 0; iy < g.H; ++iy) {
-      float* dst = xcl + ((iy + g.pad) * g.Wpad + g.pad) * kClC;
-      for (int64_t b = 0; b < g.W; b += 8) {
-        const int64_t ix = std::min(b, g.W - 8);
-        __m256 r[8];
-        for (int ci = 0; ci < 8; ++ci)
-          r[ci] = ci < g.Cin ? _mm256_loadu_ps(x + (ci * g.H + iy) * g.W + ix) : _mm256_setzero_ps();
-        transpose8x8(r);
-        for (int p = 0; p < 8; ++p) _mm256_storeu_ps(dst + (ix + p) * kClC, r[p]);
+  if constexpr (std::is_same<T, float>::value && C == kClC) {
+    if (g.W >= 8) {
+      for (int64_t iy = 0; iy < g.H; ++iy) {
+        float* dst = xcl + ((iy + g.pad) * g.Wpad + g.pad) * kClC;
+        for (int64_t b = 0; b < g.W; b += 8) {
+          const int64_t ix = std::min(b, g.W - 8);
+          __m256 r[8];
+          for (int ci = 0; ci < 8; ++ci)
+            r[ci] = ci < g.Cin ? _mm256_loadu_ps(x + (ci * g.H + iy) * g.W + ix) : _mm256_setzero_ps();
+          transpose8x8(r);
+          for (int p = 0; p < 8; ++p) _mm256_storeu_ps(dst + (ix + p) * kClC, r[p]);
+        }
       }
+      return;
     }
-    return;
   }
 #endif
-  pack_image_cl_stride(x, xcl, g, kClC);
+  pack_image_cl_stride(x, xcl, g, C);
 }
 
-// The interior of dX (Hpad x Wpad x 8) -> grad_x (Cin <= 8 channels, NCHW).
-inline void unpack_image_cl8(const float* __restrict dX, float* __restrict gx, const FusedGeom& g) {
+// The interior of dX (Hpad x Wpad x C) -> grad_x (NCHW).
+template <typename T, int C>
+inline void unpack_image_cl(const T* __restrict dX, T* __restrict gx, const FusedGeom& g) {
 #if defined(__AVX__)
-  if (g.W >= 8) {
-    for (int64_t iy = 0; iy < g.H; ++iy) {
-      const float* src = dX + ((iy + g.pad) * g.Wpad + g.pad) * kClC;
-      for (int64_t b = 0; b < g.W; b += 8) {
-        const int64_t ix = std::min(b, g.W - 8);
-        __m256 r[8];
-        for (int p = 0; p < 8; ++p) r[p] = _mm256_loadu_ps(src + (ix + p) * kClC);
-        transpose8x8(r);
-        for (int ci = 0; ci < g.Cin; ++ci) _mm256_storeu_ps(gx + (ci * g.H + iy) * g.W + ix, r[ci]);
+  if constexpr (std::is_same<T, float>::value && C == kClC) {
+    if (g.W >= 8) {
+      for (int64_t iy = 0; iy < g.H; ++iy) {
+        const float* src = dX + ((iy + g.pad) * g.Wpad + g.pad) * kClC;
+        for (int64_t b = 0; b < g.W; b += 8) {
+          const int64_t ix = std::min(b, g.W - 8);
+          __m256 r[8];
+          for (int p = 0; p < 8; ++p) r[p] = _mm256_loadu_ps(src + (ix + p) * kClC);
+          transpose8x8(r);
+          for (int ci = 0; ci < g.Cin; ++ci) _mm256_storeu_ps(gx + (ci * g.H + iy) * g.W + ix, r[ci]);
+        }
       }
+      return;
     }
-    return;
   }
 #endif
-  for (int64_t ci = 0; ci < g.Cin; ++ci)
-    for (int64_t iy = 0; iy < g.H; ++iy) {
-      const float* src = dX + ((iy + g.pad) * g.Wpad + g.pad) * kClC + ci;
-      float* d = gx + (ci * g.H + iy) * g.W;
-      for (int64_t ix = 0; ix < g.W; ++ix) d[ix] = src[ix * kClC];
-    }
+  unpack_image_cl_stride(dX, gx, g, C);
 }
 
 // A window's winner patch starts at X + 2*py*rs + 2*px*C + code_offset(code).
@@ -634,11 +647,7 @@ void fused_backward_winners_c(const T* x, const T* w, const T* g_out, const uint
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t n0 = k * kBatchChunk, nb = std::min(s.N, n0 + kBatchChunk) - n0;
       if (want_w) {
-        for (int64_t j = 0; j < nb; ++j)
-          if constexpr (std::is_same<T, float>::value && C == kClC)
-            pack_image_cl8(x + (n0 + j) * Cin * s.H * s.W, xcl.data() + j * img, g);
-          else
-            pack_image_cl_stride(x + (n0 + j) * Cin * s.H * s.W, xcl.data() + j * img, g, C);
+        for (int64_t j = 0; j < nb; ++j) pack_image_cl<T, C>(x + (n0 + j) * Cin * s.H * s.W, xcl.data() + j * img, g);
         T* pw = partial.data() + k * (nw + Cout);
         for (int64_t co = 0; co < Cout; ++co) {
           T acc[U][3][K];
@@ -682,17 +691,7 @@ void fused_backward_winners_c(const T* x, const T* w, const T* g_out, const uint
             winners_input_grad<T, C>(dX.data(), g_out + src, idx + src, Hp, Wp, rs, list, wr);
           }
           // Channels-last padded -> NCHW (drop the border).
-          T* dst = gx + (n0 + j) * Cin * s.H * s.W;
-          if constexpr (std::is_same<T, float>::value && C == kClC) {
-            unpack_image_cl8(dX.data(), dst, g);
-            continue;
-          }
-          for (int64_t ci = 0; ci < Cin; ++ci)
-            for (int64_t iy = 0; iy < s.H; ++iy) {
-              const T* src = dX.data() + ((iy + g.pad) * g.Wpad + g.pad) * C + ci;
-              T* d = dst + (ci * s.H + iy) * s.W;
-              for (int64_t ix = 0; ix < s.W; ++ix) d[ix] = src[ix * C];
-            }
+          unpack_image_cl<T, C>(dX.data(), gx + (n0 + j) * Cin * s.H * s.W, g);
         }
       }
     }
