@@ -23,25 +23,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_vec.h"
 #include "index_math.h"
-
-// Vectorisation is left to the compiler: the innermost loop of every hot kernel
-// runs over the lanes of a strip and is marked `omp simd` (compiled with
-// -fopenmp); the small fixed loops around it are fully unrolled so the
-// accumulators live in registers.  The one exception is an 8 x 8 transpose
-// (cpu_fused.h, channels-last <-> NCHW), which GCC does not derive from loops;
-// it has a plain-loop fallback.
-#define LF_UNROLL _Pragma("GCC unroll 16")
-#define LF_SIMD _Pragma("omp simd")
 
 namespace lenet_fast {
 namespace cpu {
 
-template <typename T>
-struct Lanes {
-  static constexpr int L = 64 / static_cast<int>(sizeof(T));   // strip width: two 256-bit registers
-  static constexpr int L1 = 32 / static_cast<int>(sizeof(T));  // one 256-bit register
-};
 #ifndef LF_CPU_CB
 #define LF_CPU_CB 6
 #endif

@@ -4,6 +4,11 @@ Every op validates its arguments here, once, then hands them to the selected
 backend (see `lenet_fast.backends`).  Bad input raises ValueError or TypeError
 naming the argument and its shape; backends only ever see valid input.
 
+Each op first tries one boolean expression that accepts the common valid call
+(`_conv_args_ok`, ...): at LeNet's small shapes the named checks, a call per
+argument, cost as much as the kernel they guard.  Only when it says no do the
+`_check_*` functions run, to pass the unusual valid call or name what is wrong.
+
     conv3x3_relu(x, weight, bias, padding=0)            relu(conv2d(x, weight, bias, padding=padding))
     maxpool2x2(x)                                       max_pool2d(x, 2)
     conv3x3_relu_maxpool2x2(x, weight, bias, padding=0) max_pool2d(relu(conv2d(...)), 2)
@@ -39,6 +44,20 @@ def _check_same(x: torch.Tensor, **others: torch.Tensor | None) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; use one dtype")
 
 
+def _like_x(t, x: torch.Tensor) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == x.dtype and t.device == x.device
+
+
+def _conv_args_ok(x, weight, bias, padding, min_size: int) -> bool:
+    """True only for arguments that _check_conv_args passes (and, for the fused op, whose
+    convolution output is at least min_size - 2 pixels high and wide)."""
+    return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4 and _like_x(weight, x)
+            and weight.shape[1:] == (x.shape[1], 3, 3) and weight.shape[0] > 0 and x.shape[1] > 0
+            and (bias is None or (_like_x(bias, x) and bias.shape == weight.shape[:1]))
+            and type(padding) is int and 0 <= padding <= 1
+            and x.shape[2] + 2 * padding >= min_size and x.shape[3] + 2 * padding >= min_size)
+
+
 def _check_conv_args(x, weight, bias, padding) -> None:
     _check_tensor("x", x, 4)
     _check_tensor("weight", weight, 4)
@@ -58,7 +77,9 @@ def _check_conv_args(x, weight, bias, padding) -> None:
     if c_out == 0 or c_in == 0:
         raise ValueError(f"weight must have at least one input and output channel, got {tuple(weight.shape)}")
     if bias is not None and bias.shape[0] != c_out:
-        raise ValueError(f"bias must have shape ({c_out},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must have shape ({c_out},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}"
+        )
     h, w = x.shape[2] + 2 * padding, x.shape[3] + 2 * padding
     if h < 3 or w < 3:
         raise ValueError(
@@ -66,38 +87,14 @@ def _check_conv_args(x, weight, bias, padding) -> None:
         )
 
 
-def _check_pool_input(name: str, shape: tuple[int, ...], what: str) -> None:
-    if shape[-2] < 2 or shape[-1] < 2:
-        raise ValueError(f"{name} {what} {tuple(shape)} is smaller than the 2x2 pooling window")
+def _linear_args_ok(x, weight, bias) -> bool:
+    """True only for arguments that _check_linear_args passes."""
+    return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1 and _like_x(weight, x)
+            and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
+            and (bias is None or (_like_x(bias, x) and bias.shape == weight.shape[:1])))
 
 
-def _impl(backend: str, x: torch.Tensor):
-    return backends.implementation(backend, x.device, x.dtype)
-
-
-def conv3x3_relu(x, weight, bias=None, *, padding: int = 0, backend: str = "auto") -> torch.Tensor:
-    """relu(conv2d(x, weight, bias, padding=padding)) for a 3x3 kernel, stride 1, NCHW."""
-    _check_conv_args(x, weight, bias, padding)
-    return _impl(backend, x).conv3x3_relu(x, weight, bias, padding)
-
-
-def maxpool2x2(x, *, backend: str = "auto") -> torch.Tensor:
-    """max_pool2d(x, 2): 2x2 window, stride 2, floor mode; NaN wins, first maximum wins ties."""
-    _check_tensor("x", x, 4)
-    _check_pool_input("x", tuple(x.shape), "of shape")
-    return _impl(backend, x).maxpool2x2(x)
-
-
-def conv3x3_relu_maxpool2x2(x, weight, bias=None, *, padding: int = 0, backend: str = "auto") -> torch.Tensor:
-    """max_pool2d(relu(conv2d(x, weight, bias, padding=padding)), 2) in one fused op."""
-    _check_conv_args(x, weight, bias, padding)
-    conv_shape = (x.shape[0], weight.shape[0], x.shape[2] + 2 * padding - 2, x.shape[3] + 2 * padding - 2)
-    _check_pool_input("x", conv_shape, f"of shape {tuple(x.shape)} gives a convolution output of shape")
-    return _impl(backend, x).conv3x3_relu_maxpool2x2(x, weight, bias, padding)
-
-
-def linear(x, weight, bias=None, *, relu: bool = False, backend: str = "auto") -> torch.Tensor:
-    """linear(x, weight, bias), then ReLU when relu=True; x is (..., in_features)."""
+def _check_linear_args(x, weight, bias) -> None:
     _check_tensor("x", x)
     _check_tensor("weight", weight, 2)
     if bias is not None:
@@ -115,9 +112,50 @@ def linear(x, weight, bias=None, *, relu: bool = False, backend: str = "auto") -
         raise ValueError(
             f"bias must have shape ({out_features},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}"
         )
+
+
+def _check_pool_input(name: str, shape: tuple[int, ...], what: str) -> None:
+    if shape[-2] < 2 or shape[-1] < 2:
+        raise ValueError(f"{name} {what} {tuple(shape)} is smaller than the 2x2 pooling window")
+
+
+def _impl(backend: str, x: torch.Tensor):
+    return backends.implementation(backend, x.device, x.dtype)
+
+
+def conv3x3_relu(x, weight, bias=None, *, padding: int = 0, backend: str = "auto") -> torch.Tensor:
+    """relu(conv2d(x, weight, bias, padding=padding)) for a 3x3 kernel, stride 1, NCHW."""
+    if not _conv_args_ok(x, weight, bias, padding, 3):
+        _check_conv_args(x, weight, bias, padding)
+    return _impl(backend, x).conv3x3_relu(x, weight, bias, padding)
+
+
+def maxpool2x2(x, *, backend: str = "auto") -> torch.Tensor:
+    """max_pool2d(x, 2): 2x2 window, stride 2, floor mode; NaN wins, first maximum wins ties."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4
+            and x.shape[2] >= 2 and x.shape[3] >= 2):
+        _check_tensor("x", x, 4)
+        _check_pool_input("x", tuple(x.shape), "of shape")
+    return _impl(backend, x).maxpool2x2(x)
+
+
+def conv3x3_relu_maxpool2x2(x, weight, bias=None, *, padding: int = 0, backend: str = "auto") -> torch.Tensor:
+    """max_pool2d(relu(conv2d(x, weight, bias, padding=padding)), 2) in one fused op."""
+    if not _conv_args_ok(x, weight, bias, padding, 4):
+        _check_conv_args(x, weight, bias, padding)
+        conv_shape = (x.shape[0], weight.shape[0], x.shape[2] + 2 * padding - 2, x.shape[3] + 2 * padding - 2)
+        _check_pool_input("x", conv_shape, f"of shape {tuple(x.shape)} gives a convolution output of shape")
+    return _impl(backend, x).conv3x3_relu_maxpool2x2(x, weight, bias, padding)
+
+
+def linear(x, weight, bias=None, *, relu: bool = False, backend: str = "auto") -> torch.Tensor:
+    """linear(x, weight, bias), then ReLU when relu=True; x is (..., in_features)."""
+    if not _linear_args_ok(x, weight, bias):
+        _check_linear_args(x, weight, bias)
     impl = _impl(backend, x)
     if x.dim() == 2:
         return impl.linear(x, weight, bias, bool(relu))
+    out_features, in_features = weight.shape
     y = impl.linear(x.reshape(-1, in_features), weight, bias, bool(relu))
     return y.reshape(*x.shape[:-1], out_features)
 

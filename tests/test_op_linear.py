@@ -9,11 +9,16 @@ from lenet_fast import ops
 
 # (batch, in_features, out_features, relu): LeNet's three layers at batch 64, then
 # the edges: single features, sizes that are not multiples of any block, batch 1, empty batch.
+# The ext CPU kernel for narrow layers (out_features <= 16) gets the widest narrow layer,
+# with whole row blocks split over threads plus leftover rows, two inputs only, and the
+# first width past it (17, GEMM path).
 SHAPES = [
     (64, 400, 120, True),
     (64, 120, 84, True),
     (64, 84, 10, False),
     (1, 1, 1, True),
+    (250, 84, 16, True),
+    (7, 2, 10, False),
     (5, 33, 17, False),
     (1, 400, 120, True),
     (3, 130, 70, True),
