@@ -3,9 +3,10 @@
 // pass over the GEMM output (without ReLU the bias rides in the GEMM, as in stock addmm);
 // on the CPU a layer with at most kNarrowOut outputs (LeNet's fc3) is one loop of our own
 // instead, GEMM, bias and ReLU together (narrow_linear_cpu says why).
-// Backward: the ReLU mask + bias gradient is one fused pass (column sums in row order:
-// deterministic); on the CPU the two GEMMs then run side by side, one per thread.
+// Backward: the ReLU mask + bias gradient is one fused pass (deterministic sums); on the
+// CPU the two GEMMs then run side by side, one per thread.
 #include <algorithm>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -38,34 +39,48 @@ void bias_relu_cpu(T* y, const T* b, int64_t N, int64_t O, bool do_relu) {
   });
 }
 
-// Columns [o0, o1) of gm = mask(g) and gb = column sums, rows in order.
+// gm = g masked by ReLU's gradient (when do_relu) and gb = its column sums.  Rows go in
+// fixed chunks of kRowChunk: each chunk masks its rows and sums them, in order, into its
+// own partial row; the partials are then added in chunk order.  The chunking does not
+// depend on the thread count, so neither do the bits.  (Walking the rows once, inner loop
+// along a row, instead of once per 32-column block: 1024 x 84 went from 55 to ~10 us.)
 template <typename T>
 void relu_mask_bias_grad_cpu(const T* g, const T* out, T* gm, T* gb, int64_t N, int64_t O, bool do_relu) {
-  constexpr int64_t kCols = 32;
-  const int64_t nblocks = ceil_div(O, kCols);
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, N * kCols));
-  at::parallel_for(0, nblocks, grain, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t o0 = k * kCols, o1 = std::min(O, o0 + kCols);
-      T acc[kCols];
-      for (int64_t o = 0; o < kCols; ++o) acc[o] = T(0);
-      for (int64_t n = 0; n < N; ++n) {
+  constexpr int64_t kRowChunk = 64;
+  const int64_t chunks = ceil_div(N, kRowChunk);
+  if (chunks == 0) {
+    std::fill(gb, gb + O, T(0));
+    return;
+  }
+  std::vector<T> partial(chunks * O, T(0));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, kRowChunk * O));
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* acc = partial.data() + c * O;
+      for (int64_t n = c * kRowChunk; n < std::min(N, (c + 1) * kRowChunk); ++n) {
         const T* gr = g + n * O;
-        const T* orow = out + n * O;
-        T* mr = gm + n * O;
         if (do_relu) {
-          for (int64_t o = o0; o < o1; ++o) {
+          const T* orow = out + n * O;
+          T* mr = gm + n * O;
+          LF_SIMD
+          for (int64_t o = 0; o < O; ++o) {
             const T v = relu_grad_passes(orow[o]) ? gr[o] : T(0);
             mr[o] = v;
-            acc[o - o0] += v;
+            acc[o] += v;
           }
         } else {
-          for (int64_t o = o0; o < o1; ++o) acc[o - o0] += gr[o];
+          LF_SIMD
+          for (int64_t o = 0; o < O; ++o) acc[o] += gr[o];
         }
       }
-      for (int64_t o = o0; o < o1; ++o) gb[o] = acc[o - o0];
     }
   });
+  std::copy(partial.begin(), partial.begin() + O, gb);
+  for (int64_t c = 1; c < chunks; ++c) {
+    const T* p = partial.data() + c * O;
+    LF_SIMD
+    for (int64_t o = 0; o < O; ++o) gb[o] += p[o];
+  }
 }
 
 // --- narrow layers: y = x . w^T + b (then ReLU) with all outputs of a row in registers --
