@@ -89,15 +89,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_bwd(const at::Tensor
             const scalar_t* gc = gp + base;
             const scalar_t* oc = op + base;
             scalar_t* Gc = G + co * Q + F;
-            scalar_t bsum = scalar_t(0);
             for (int64_t y = 0; y < Ho; ++y) {
-              for (int64_t xx = 0; xx < Wo; ++xx) {
-                const scalar_t v = relu_grad_passes(oc[y * Wo + xx]) ? gc[y * Wo + xx] : scalar_t(0);
-                Gc[y * S + xx] = v;
-                bsum += v;
-              }
+              for (int64_t xx = 0; xx < Wo; ++xx)
+                Gc[y * S + xx] = cpu::keep_if(gc[y * Wo + xx], relu_grad_passes(oc[y * Wo + xx]));
             }
-            gbias[co] = bsum;
+            gbias[co] = cpu::lane_sum(Gc, Ho * S);  // the columns x >= Wo of G stay zero
           }
         });
   });

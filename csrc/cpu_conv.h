@@ -111,12 +111,15 @@ inline std::vector<T> pack_weight_in(const T* w, int64_t Cout, int64_t Cin) {
 template <typename T, int L>
 inline void conv_block(const T* __restrict xp, const T* __restrict wpb, const T* __restrict bb, T* __restrict ob,
                        const ConvGeom<L>& g) {
-  for (int64_t i0 = 0; i0 < g.M; i0 += L) {
-    T acc[kCB][L];
+  // One register per channel: with two (a strip of L lanes) the 2 x kCB accumulators,
+  // the input strip and the weights outgrew the 16 vector registers and GCC spilled them.
+  constexpr int V = Lanes<T>::L1;
+  for (int64_t i0 = 0; i0 < g.M; i0 += V) {
+    T acc[kCB][V];
     LF_UNROLL
     for (int c = 0; c < kCB; ++c) {
       LF_SIMD
-      for (int l = 0; l < L; ++l) acc[c][l] = bb[c];
+      for (int l = 0; l < V; ++l) acc[c][l] = bb[c];
     }
     for (int64_t ci = 0; ci < g.Cin; ++ci) {
       const T* xc = xp + ci * g.P + i0;
@@ -126,7 +129,7 @@ inline void conv_block(const T* __restrict xp, const T* __restrict wpb, const T*
         const T* xs = xc + g.off[t];
         const T* wt = wc + t * kCB;
         LF_SIMD
-        for (int l = 0; l < L; ++l) {
+        for (int l = 0; l < V; ++l) {
           const T xv = xs[l];
           LF_UNROLL
           for (int c = 0; c < kCB; ++c) acc[c][l] += wt[c] * xv;
@@ -136,7 +139,7 @@ inline void conv_block(const T* __restrict xp, const T* __restrict wpb, const T*
     LF_UNROLL
     for (int c = 0; c < kCB; ++c) {
       LF_SIMD
-      for (int l = 0; l < L; ++l) ob[c * g.M + i0 + l] = acc[c][l];
+      for (int l = 0; l < V; ++l) ob[c * g.M + i0 + l] = acc[c][l];
     }
   }
 }
@@ -258,12 +261,13 @@ inline void weight_grad_image(const T* __restrict xp, const T* __restrict G, T* 
 // gxb[c][j] = sum_co sum_t G[co][j - off[t]] * w[co][ci][t], j over the padded plane.
 template <typename T, int L>
 inline void input_grad_block(const T* __restrict G, const T* __restrict wpb, T* __restrict gxb, const ConvGeom<L>& g) {
-  for (int64_t j0 = 0; j0 < g.Mx; j0 += L) {
-    T acc[kCB][L];
+  constexpr int V = Lanes<T>::L1;  // one register per channel, as in conv_block
+  for (int64_t j0 = 0; j0 < g.Mx; j0 += V) {
+    T acc[kCB][V];
     LF_UNROLL
     for (int c = 0; c < kCB; ++c) {
       LF_SIMD
-      for (int l = 0; l < L; ++l) acc[c][l] = T(0);
+      for (int l = 0; l < V; ++l) acc[c][l] = T(0);
     }
     for (int64_t co = 0; co < g.Cout; ++co) {
       const T* gc = G + co * g.Q + g.F + j0;
@@ -273,7 +277,7 @@ inline void input_grad_block(const T* __restrict G, const T* __restrict wpb, T* 
         const T* gs = gc - g.off[t];
         const T* wt = wc + t * kCB;
         LF_SIMD
-        for (int l = 0; l < L; ++l) {
+        for (int l = 0; l < V; ++l) {
           const T gv = gs[l];
           LF_UNROLL
           for (int c = 0; c < kCB; ++c) acc[c][l] += wt[c] * gv;
@@ -283,7 +287,7 @@ inline void input_grad_block(const T* __restrict G, const T* __restrict wpb, T* 
     LF_UNROLL
     for (int c = 0; c < kCB; ++c) {
       LF_SIMD
-      for (int l = 0; l < L; ++l) gxb[c * g.Mx + j0 + l] = acc[c][l];
+      for (int l = 0; l < V; ++l) gxb[c * g.Mx + j0 + l] = acc[c][l];
     }
   }
 }

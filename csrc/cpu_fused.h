@@ -500,16 +500,10 @@ inline int64_t code_offset(int code, int64_t rs, int64_t C) {
 // Either way the result has the same bits as adding every window's g * patch:
 // a masked window's contribution is +-0, added to sums that start at +0.
 
-// g where the window passes, else 0: a bit mask on an unconditional load.
+// g where the window passes, else 0 (an unconditional load, then keep_if).
 template <typename T>
 inline T passed_grad(const T* g, int code) {
-  using U = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
-  U bits;
-  std::memcpy(&bits, g, sizeof(T));
-  bits &= U(0) - static_cast<U>(code < kPoolMasked);
-  T out;
-  std::memcpy(&out, &bits, sizeof(T));
-  return out;
+  return keep_if(*g, code < kPoolMasked);
 }
 
 // The windows of one (image, channel) that pass: patch offsets off[i] and pooled

@@ -64,7 +64,7 @@ void relu_mask_bias_grad_cpu(const T* g, const T* out, T* gm, T* gb, int64_t N, 
           T* mr = gm + n * O;
           LF_SIMD
           for (int64_t o = 0; o < O; ++o) {
-            const T v = relu_grad_passes(orow[o]) ? gr[o] : T(0);
+            const T v = cpu::keep_if(gr[o], relu_grad_passes(orow[o]));
             mr[o] = v;
             acc[o] += v;
           }
