@@ -21,7 +21,7 @@ from lenet_fast.model import LeNet, TorchLeNet
 from lenet_fast.optim import MOMENTUM, make_optimizer
 from lenet_fast.train import DEFAULT_LR, evaluate, learning_rate, train_step
 
-SEED = 0
+SEED = 0  # the default; `benchmarks.run --seed` picks another (the same for every contender)
 BATCH_SIZE = 64
 
 
@@ -46,8 +46,8 @@ class Contender:
             return make_optimizer(model.parameters(), "sgd", lr)
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True)
 
-    def make_model(self, device: torch.device) -> torch.nn.Module:
-        torch.manual_seed(SEED)
+    def make_model(self, device: torch.device, seed: int = SEED) -> torch.nn.Module:
+        torch.manual_seed(seed)
         model = (TorchLeNet() if self.backend is None else LeNet(backend=self.backend)).to(device)
         if self.compile_mode is not None:
             mode = None if self.compile_mode == "default" else self.compile_mode
@@ -76,7 +76,7 @@ def contenders(device: torch.device, available: set[str]) -> list[Contender]:
     return rows
 
 
-def _seed_dataloader(root, limit: int | None):
+def _seed_dataloader(root, limit: int | None, seed: int):
     """The lab report's feed: per-image PIL -> ToTensor -> Normalize in a DataLoader."""
     import torchvision
     from torchvision import transforms
@@ -85,7 +85,7 @@ def _seed_dataloader(root, limit: int | None):
     dataset = torchvision.datasets.MNIST(str(root), train=True, download=False, transform=transform)
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(limit))
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, generator=generator)
 
 
@@ -108,21 +108,21 @@ class Run:
     """
 
     def __init__(self, contender: Contender, train_set: data.DeviceData, test_set: data.DeviceData, *, epochs: int,
-                 device: torch.device, data_root=None, limit: int | None = None):
+                 device: torch.device, data_root=None, limit: int | None = None, seed: int = SEED):
         self.contender, self.train_set, self.test_set, self.device = contender, train_set, test_set, device
         self.epochs = epochs
-        self.model = contender.make_model(device)
+        self.model = contender.make_model(device, seed)
         self.lr_tensor = torch.tensor(DEFAULT_LR["sgd"], device=device) if contender.cuda_graph else None
         self.optimizer = contender.make_optimizer(
             self.model, DEFAULT_LR["sgd"] if self.lr_tensor is None else self.lr_tensor)
         if contender.seed_dataloader:
-            loader = _seed_dataloader(data_root, limit)
+            loader = _seed_dataloader(data_root, limit, seed)
             self.batches_of: Callable[[int], object] = lambda epoch: (
                 (x.to(device), y.to(device)) for x, y in loader)
             self.steps_per_epoch = len(loader)
         else:
             self.batches_of = lambda epoch: train_set.batches(
-                BATCH_SIZE, order=data.shuffle_order(len(train_set), SEED, epoch))
+                BATCH_SIZE, order=data.shuffle_order(len(train_set), seed, epoch))
             self.steps_per_epoch = train_set.num_batches(BATCH_SIZE)
         self.total_steps = self.steps_per_epoch * epochs
         self.epoch_seconds: list[float] = []
@@ -214,9 +214,9 @@ def interleave(runs: list[Run], epoch: int, segments: int) -> None:
 
 
 def run(contender: Contender, train_set: data.DeviceData, test_set: data.DeviceData, *, epochs: int,
-        device: torch.device, data_root=None, limit: int | None = None) -> dict:
+        device: torch.device, data_root=None, limit: int | None = None, seed: int = SEED) -> dict:
     """Train one contender alone for `epochs` epochs; its results row."""
-    r = Run(contender, train_set, test_set, epochs=epochs, device=device, data_root=data_root, limit=limit)
+    r = Run(contender, train_set, test_set, epochs=epochs, device=device, data_root=data_root, limit=limit, seed=seed)
     for epoch in range(epochs):
         for _ in r.epoch(epoch):
             pass

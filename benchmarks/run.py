@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per contender (default 1 quick, 2 full)")
     p.add_argument("--data-dir", default=None, help="torchvision root with MNIST (default $LENET_FAST_DATA)")
+    p.add_argument("--seed", type=int, default=end_to_end.SEED,
+                   help="end-to-end seed: initial weights and batch order, the same for every contender")
     p.add_argument("--skip", nargs="*", default=[], choices=["ops", "end-to-end"], help="sections to leave out")
     return p.parse_args(argv)
 
@@ -76,7 +78,7 @@ def bench_ops(device: torch.device, names: list[str], *, threads: int, quick: bo
 INTERLEAVE_SLICES = 10  # slices per epoch in which the main end-to-end rows take turns
 
 
-def bench_end_to_end(device: torch.device, names: list[str], *, epochs: int, data_root,
+def bench_end_to_end(device: torch.device, names: list[str], *, epochs: int, data_root, seed: int = end_to_end.SEED,
                      on_row=lambda rows, source: None) -> tuple[list[dict], str]:
     try:
         train_set, test_set = data.load("mnist", data_root, device=device, download=False)
@@ -108,13 +110,14 @@ def bench_end_to_end(device: torch.device, names: list[str], *, epochs: int, dat
     contenders = [c for c in end_to_end.contenders(device, set(names))
                   if not (c.seed_dataloader and data_root is None)]
     main = [c for c in contenders if c.compile_mode is None and not c.seed_dataloader]
-    runs = [end_to_end.Run(c, train_set, test_set, epochs=epochs, device=device) for c in main]
+    runs = [end_to_end.Run(c, train_set, test_set, epochs=epochs, device=device, seed=seed) for c in main]
     for epoch in range(epochs):
         end_to_end.interleave(runs, epoch, INTERLEAVE_SLICES)
     for r in runs:
         add(r.result())
     for contender in (c for c in contenders if c not in main):
-        add(end_to_end.run(contender, train_set, test_set, epochs=epochs, device=device, data_root=data_root))
+        add(end_to_end.run(contender, train_set, test_set, epochs=epochs, device=device, data_root=data_root,
+                           seed=seed))
     return rows, source
 
 
@@ -132,7 +135,8 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += [
             f"## One MNIST training epoch, batch {end_to_end.BATCH_SIZE} ({result['end_to_end_data']})",
             "",
-            "Same seed, same batches, same optimizer and schedule for every row. Epoch = best of "
+            f"Same seed ({result.get('seed', end_to_end.SEED)}), same batches, same optimizer and schedule for "
+            "every row. Epoch = best of "
             f"{result['end_to_end'][0]['epochs']} epoch(s), training loop only; warm-up = compilation/capture "
             "before the first timed step (not in the epoch time).",
             "",
@@ -231,7 +235,8 @@ def main(argv=None) -> int:
             result["end_to_end"], result["end_to_end_data"] = rows, source
             save()
 
-        bench_end_to_end(device, names, epochs=epochs, data_root=root, on_row=on_row)
+        result["seed"] = args.seed
+        bench_end_to_end(device, names, epochs=epochs, data_root=root, seed=args.seed, on_row=on_row)
     save()
     plot(result, out / "speedup.png")
     print(f"benchmarks.run: wrote {out}/results.json, results.md, speedup.png")

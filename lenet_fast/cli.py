@@ -74,7 +74,9 @@ def device_name(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    # The instruction set ATen's CPU kernels dispatch to: stock PyTorch's speed depends on it
+    # (the same 2-core machine kind has come with and without AVX-512).
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()} ({torch.get_num_threads()} threads)"
 
 
 def versions() -> dict[str, str | None]:

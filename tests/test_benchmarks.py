@@ -50,6 +50,28 @@ def test_same_seed_gives_stock_and_lenet_fast_torch_the_same_training():
     assert stock["test_accuracy"] == ours["test_accuracy"] == fused["test_accuracy"]
 
 
+def test_seed_moves_every_contender_alike():
+    """`benchmarks.run --seed`: another seed gives other initial weights and batch order,
+    and stock and lenet_fast still start and train identically under it."""
+    g = torch.Generator().manual_seed(3)
+    split = data.DeviceData(torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g))
+    device = torch.device("cpu")
+    stock, ours = end_to_end.Contender("stock eager"), end_to_end.Contender("lenet_fast torch", backend="torch")
+    w0 = stock.make_model(device).conv1.weight
+    assert torch.equal(stock.make_model(device, 5).conv1.weight, ours.make_model(device, 5).conv1.weight)
+    assert not torch.equal(stock.make_model(device, 5).conv1.weight, w0)
+    runs = [end_to_end.Run(c, split, split, epochs=1, device=device, seed=5) for c in (stock, ours)]
+    orders = [next(iter(r.batches_of(0)))[1] for r in runs]
+    assert torch.equal(orders[0], orders[1])
+    assert not torch.equal(orders[0], next(iter(end_to_end.Run(stock, split, split, epochs=1, device=device)
+                                               .batches_of(0)))[1])
+    for r in runs:
+        for _ in r.epoch(0):
+            pass
+    assert all(torch.equal(p, q) for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()))
+    assert run.parse_args(["--seed", "5"]).seed == 5 and run.parse_args([]).seed == end_to_end.SEED
+
+
 def test_interleaved_runs_train_exactly_as_runs_alone():
     """Slicing epochs and taking turns must change the timing only, never the training."""
     g = torch.Generator().manual_seed(1)
