@@ -26,6 +26,19 @@ inline at::Tensor grad_or_undef(bool wanted, const at::Tensor& t) { return wante
 
 inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The backward ops have no autograd kernel of their own.  Called as they are during a
+// plain backward() (grad mode off), they skip the Autograd key: otherwise the dispatcher
+// sends them through torch's boxed "autograd not implemented" fallback, which packs every
+// argument into a stack and unpacks it again only to find nothing to record.  Under
+// create_graph=True they still go through it, so that differentiating them again fails
+// with torch's own error instead of silently yielding gradients that do not require grad.
+template <typename Op, typename... Args>
+auto call_backward_op(const Op& op, Args&&... args) {
+  if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(std::forward<Args>(args)...);
+}
+
 // Every Function below calls ctx->set_materialize_grads(false) in forward: otherwise the
 // engine allocates and zero-fills a gradient for each output that received none (the
 // winner codes, the head's logits and hidden activations: six tensors, ~400 KB of zeros
@@ -65,7 +78,8 @@ struct ConvReluFn : public torch::autograd::Function<ConvReluFn> {
     if (!grads[0].defined()) return zero_grads(4);
     const auto s = ctx->get_saved_variables();
     const NeedGrads ng = need_grads(ctx);
-    auto [dx, dw, db] = op.call(grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
+    auto [dx, dw, db] =
+        call_backward_op(op, grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
     return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
   }
 };
@@ -93,7 +107,7 @@ struct MaxPoolFn : public torch::autograd::Function<MaxPoolFn> {
     static const auto op = op_handle<decltype(maxpool2x2_bwd)>("lenet_fast::ext_maxpool2x2_backward");
     if (!grads[0].defined()) return zero_grads(1);
     const auto s = ctx->get_saved_variables();
-    return {op.call(grads[0], s[1], s[0])};
+    return {call_backward_op(op, grads[0], s[1], s[0])};
   }
 };
 
@@ -126,7 +140,8 @@ struct ConvReluPoolFn : public torch::autograd::Function<ConvReluPoolFn> {
     if (!grads[0].defined()) return zero_grads(4);
     const auto s = ctx->get_saved_variables();
     const NeedGrads ng = need_grads(ctx);
-    auto [dx, dw, db] = op.call(grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
+    auto [dx, dw, db] =
+        call_backward_op(op, grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
     return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
   }
 };
@@ -158,7 +173,8 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
     if (!grads[0].defined()) return zero_grads(4);
     const auto s = ctx->get_saved_variables();
     const NeedGrads ng = need_grads(ctx);
-    auto [dx, dw, db] = op.call(grads[0], s[2], s[0], s[1], ctx->saved_data["relu"].toBool(), ng.x, ng.w || ng.b);
+    auto [dx, dw, db] =
+        call_backward_op(op, grads[0], s[2], s[0], s[1], ctx->saved_data["relu"].toBool(), ng.x, ng.w || ng.b);
     return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
   }
 };
@@ -201,7 +217,8 @@ struct MlpCrossEntropyFn : public torch::autograd::Function<MlpCrossEntropyFn> {
     bool weight_grad = false;
     for (size_t i = 1; i <= 2 * L; ++i) weight_grad = weight_grad || ctx->needs_input_grad(i);
     const bool input_grad = ctx->needs_input_grad(0);
-    auto [gx, gw, gb] = op.call(grads[0], grads[1], s[2], s[1], s[0], weights, hidden, input_grad, weight_grad);
+    auto [gx, gw, gb] =
+        call_backward_op(op, grads[0], grads[1], s[2], s[1], s[0], weights, hidden, input_grad, weight_grad);
     variable_list result{grad_or_undef(input_grad, gx)};
     for (size_t l = 0; l < L; ++l) result.push_back(grad_or_undef(ctx->needs_input_grad(1 + l), gw[l]));
     for (size_t l = 0; l < L; ++l) result.push_back(grad_or_undef(ctx->needs_input_grad(1 + L + l), gb[l]));
