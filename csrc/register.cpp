@@ -30,8 +30,9 @@ inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value(
 // plain backward() (grad mode off), they skip the Autograd key: otherwise the dispatcher
 // sends them through torch's boxed "autograd not implemented" fallback, which packs every
 // argument into a stack and unpacks it again only to find nothing to record.  Under
-// create_graph=True they still go through it, so that differentiating them again fails
-// with torch's own error instead of silently yielding gradients that do not require grad.
+// create_graph=True they still go through it, unchanged: double backward through these
+// ops is NOT supported, and torch's fallback then only warns ("an autograd kernel was
+// not registered") and treats them as constants (known gap, see README).
 template <typename Op, typename... Args>
 auto call_backward_op(const Op& op, Args&&... args) {
   if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
