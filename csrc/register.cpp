@@ -32,7 +32,7 @@ inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value(
 // argument into a stack and unpacks it again only to find nothing to record.  Under
 // create_graph=True they still go through it, unchanged: double backward through these
 // ops is NOT supported, and torch's fallback then only warns ("an autograd kernel was
-// not registered") and treats them as constants (known gap, see README).
+// not registered") and treats them as constants (a known gap).
 template <typename Op, typename... Args>
 auto call_backward_op(const Op& op, Args&&... args) {
   if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
