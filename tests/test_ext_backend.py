@@ -524,3 +524,15 @@ Resource usage:
     assert row["arch"] == "sm_90" and row["registers"] == 128 and row["shared"] == 11392
     assert row["local"] == 0 and row["stack"] == 0
     assert row["kernel"].endswith("conv_fwd_kernel")
+
+
+def test_create_graph_keeps_torch_autograd_fallback():
+    """Double backward is not supported: under create_graph=True the backward ops must still
+    reach torch's not-implemented fallback (which warns), not the below-autograd fast path
+    a plain backward() takes (with it, the gradient would silently not require grad)."""
+    x = torch.randn(2, 1, 6, 6, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, requires_grad=True)
+    (gx,) = torch.autograd.grad(E.conv3x3_relu_maxpool2x2(x, w, None, 0).sum(), x, create_graph=True)
+    assert gx.requires_grad
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        gx.sum().backward()
