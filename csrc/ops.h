@@ -40,4 +40,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cro
     const at::Tensor& dlogits, const at::Tensor& logits, const at::Tensor& x, at::TensorList weights,
     at::TensorList hidden, bool input_grad, bool weight_grad);
 
+// (logits.argmax(1) == target).sum(), an int64 scalar; see count_correct.cpp.
+at::Tensor count_correct(const at::Tensor& logits, const at::Tensor& target);
+
 }  // namespace lenet_fast

@@ -30,6 +30,8 @@ _maxpool = _ops.ext_maxpool2x2.default
 _conv_relu_pool = _ops.ext_conv3x3_relu_maxpool2x2.default
 _linear = _ops.ext_linear.default
 _mlp_cross_entropy = _ops.ext_mlp_cross_entropy.default
+_count_correct = _ops.ext_count_correct.default
+_run_backward = _ops.run_backward.default
 
 #: Every op the extension registers (forward and backward), for opcheck and tests.
 OP_NAMES = (
@@ -43,6 +45,7 @@ OP_NAMES = (
     "ext_linear_backward",
     "ext_mlp_cross_entropy",
     "ext_mlp_cross_entropy_backward",
+    "ext_count_correct",
 )
 
 
@@ -70,6 +73,16 @@ def mlp_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     loss, logits, _, _ = _mlp_cross_entropy(x, weights, biases, target)
     return loss, logits
+
+
+def count_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(logits.argmax(1) == target).sum() in one op (int64 scalar on logits' device)."""
+    return _count_correct(logits, target)
+
+
+def run_backward(loss: torch.Tensor) -> None:
+    """loss.backward() for a scalar `loss`, started from C++ (see csrc/register.cpp)."""
+    _run_backward(loss)
 
 
 # --- fake (meta) implementations ----------------------------------------------------
@@ -132,6 +145,11 @@ def _(x, weights, biases, target):
     hidden = [x.new_empty((x.shape[0], w.shape[0])) for w in weights[:-1]]
     logits = x.new_empty((x.shape[0], weights[-1].shape[0]))
     return x.new_empty(()), logits, torch.empty_like(logits), hidden
+
+
+@torch.library.register_fake("lenet_fast::ext_count_correct")
+def _(logits, target):
+    return logits.new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake("lenet_fast::ext_mlp_cross_entropy_backward")

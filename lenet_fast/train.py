@@ -99,13 +99,35 @@ def make_config(args: argparse.Namespace, resumed: dict | None) -> dict:
     return config
 
 
+def _load_step_helpers():
+    """(backward, count_correct) as lenet_fast's training step runs them.
+
+    With the extension built: loss.backward() started from C++ (the same engine run
+    without ~30 us of torch.autograd.backward's Python per call) and the correct-prediction
+    count as one op instead of three (~15 us); together ~6% of an ext training step at
+    batch 64 on a 2-core CPU (see csrc/register.cpp, csrc/count_correct.cpp).  Without it,
+    torch's own."""
+    try:
+        from .ext_backend import count_correct, run_backward
+    except ImportError:
+        return torch.Tensor.backward, lambda logits, y: (logits.argmax(1) == y).sum()
+    return run_backward, count_correct
+
+
+_backward, _count_correct = _load_step_helpers()
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
     """One eager training step; returns (loss, number of correct predictions), both on the device."""
-    if isinstance(model, LeNet):  # classifier head + loss as one fused op
+    if isinstance(model, LeNet):  # classifier head + loss as one fused op; step helpers above
         loss, logits = model.forward_with_loss(x, y)
-    else:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        _backward(loss)
+        optimizer.step()
+        return loss.detach(), _count_correct(logits, y)
+    # The stock step (the benchmarks time stock models through here).
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

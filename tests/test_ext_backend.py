@@ -323,6 +323,7 @@ def _opcheck_samples():
         ("ext_maxpool2x2_backward", (torch.randn(px.shape), pidx, d(x))),
         ("ext_linear_backward", (torch.randn(ly.shape), d(ly), d(a), d(lw), True, True, True)),
         ("ext_mlp_cross_entropy", (hx, hw, hb, ht)),
+        ("ext_count_correct", (logits, ht)),
         ("ext_mlp_cross_entropy_backward",
          (torch.tensor(0.5), torch.randn(logits.shape), dlogits, d(logits), d(hx), [d(w) for w in hw],
           [d(h) for h in hidden], True, True)),
@@ -332,7 +333,7 @@ def _opcheck_samples():
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(15))
 def test_opcheck(case):
     name, args = _opcheck_samples()[case]
     torch.library.opcheck(getattr(OPS, name).default, args)
@@ -536,3 +537,90 @@ def test_create_graph_keeps_torch_autograd_fallback():
     assert gx.requires_grad
     with pytest.warns(UserWarning, match="autograd kernel was not registered"):
         gx.sum().backward()
+
+
+# --- run_backward: loss.backward() started from C++ ---------------------------------------
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_run_backward_matches_loss_backward_bitwise(backend):
+    import lenet_fast
+
+    torch.manual_seed(0)
+    model = lenet_fast.LeNet(backend=backend)
+    x, y = torch.randn(17, 1, 28, 28), torch.randint(0, 10, (17,))
+    model.forward_with_loss(x, y)[0].backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    E.run_backward(model.forward_with_loss(x, y)[0])
+    for (name, p), g in zip(model.named_parameters(), expected):
+        assert torch.equal(p.grad, g), name
+
+
+def test_run_backward_bad_loss_is_torchs_error():
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        E.run_backward(torch.ones(()))
+    with pytest.raises(RuntimeError, match="only for scalar outputs"):
+        E.run_backward(torch.ones(3, requires_grad=True) * 2)
+
+
+def test_training_step_uses_the_extension_helpers():
+    """lenet_fast's training step starts backward from C++ and counts with one op when the
+    extension is built; the stock models the benchmarks compare against keep loss.backward()
+    and the three-op count (train_step's stock branch)."""
+    from lenet_fast import train
+
+    assert train._backward is E.run_backward and train._count_correct is E.count_correct
+
+
+# --- count_correct: (logits.argmax(1) == target).sum() in one op ---------------------------
+def _count_reference(logits, target):
+    return (logits.argmax(1) == target).sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,c", [(0, 10), (1, 1), (1, 10), (7, 3), (64, 10), (129, 37)])
+def test_count_correct_matches_stock(device, dtype, n, c):
+    g = torch.Generator().manual_seed(n * 100 + c)
+    # Rounded to a coarse grid so that rows hold ties; targets hit the argmax about half the time.
+    logits = (torch.randn(n, c, generator=g) * 2).round().to(device=device, dtype=dtype)
+    hit = torch.rand(n, generator=g) < 0.5
+    target = torch.where(hit, logits.float().cpu().argmax(1), torch.randint(0, c, (n,), generator=g)).to(device)
+    got = E.count_correct(logits, target)
+    assert got.dtype == torch.int64 and got.shape == () and got.device == logits.device
+    assert got.item() == _count_reference(logits, target).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_count_correct_ties_nan_inf_and_strides(device):
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[1.0, 3.0, 3.0],        # tie: the first maximum (1) wins
+                           [nan, 5.0, nan],        # NaN is the maximum: its first index (0)
+                           [2.0, nan, 9.0],        # NaN beats 9
+                           [-inf, -inf, -inf],     # all equal: index 0
+                           [0.0, inf, 1.0]], device=device)
+    for target in ([1, 0, 1, 0, 1], [2, 1, 2, 1, 0], [0, 0, 0, 0, 0]):
+        t = torch.tensor(target, device=device)
+        assert E.count_correct(logits, t).item() == _count_reference(logits, t).item()
+    wide = torch.randn(6, 20, device=device)
+    strided, t = wide[:, ::2], torch.randint(0, 10, (6,), device=device)  # non-contiguous logits
+    assert E.count_correct(strided, t).item() == _count_reference(strided, t).item()
+    assert E.count_correct(wide.t().contiguous().t(), torch.zeros(6, dtype=torch.int64, device=device)).item() == \
+        _count_reference(wide, torch.zeros(6, dtype=torch.int64, device=device)).item()
+
+
+def test_count_correct_needs_no_grad_and_records_no_graph():
+    logits = torch.randn(8, 10, requires_grad=True) * 1.0
+    count = E.count_correct(logits, torch.zeros(8, dtype=torch.int64))
+    assert not count.requires_grad and count.grad_fn is None
+
+
+@pytest.mark.parametrize("logits,target,match", [
+    (torch.randn(4), torch.zeros(4, dtype=torch.int64), r"logits \(N, C\)"),
+    (torch.randn(4, 0), torch.zeros(4, dtype=torch.int64), r"C >= 1"),
+    (torch.randn(4, 3), torch.zeros(5, dtype=torch.int64), r"target must be int64 of shape \(4,\)"),
+    (torch.randn(4, 3), torch.zeros(4, dtype=torch.int32), r"target must be int64"),
+    (torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.int64), r"target must be int64 of shape \(4,\)"),
+])
+def test_count_correct_bad_inputs(logits, target, match):
+    with pytest.raises(RuntimeError, match=match):
+        E.count_correct(logits, target)
