@@ -73,6 +73,16 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logit
   return {loss, dz};
 }
 
+// Whether t is a CPU scalar equal to 1, the gradient loss.backward() sends: dlogits is then
+// the logits' gradient as it is (bitwise what * 1 gives), without a pass over it (~5 us of
+// a LeNet training step).  A CUDA value is not read: that would wait for the device.
+bool is_cpu_one(const at::Tensor& t) {
+  if (!t.is_cpu() || t.numel() != 1) return false;
+  if (t.scalar_type() == at::kFloat) return *t.const_data_ptr<float>() == 1.0f;
+  if (t.scalar_type() == at::kDouble) return *t.const_data_ptr<double>() == 1.0;
+  return false;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_fwd(
@@ -109,7 +119,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cro
   // d loss_total / d logits: the loss's share (dlogits is per unit of grad_loss) plus any
   // gradient that reached the logits output directly.
   at::Tensor g;
-  if (grad_loss.has_value() && grad_loss->defined()) g = dlogits * *grad_loss;
+  if (grad_loss.has_value() && grad_loss->defined()) g = is_cpu_one(*grad_loss) ? dlogits : dlogits * *grad_loss;
   if (grad_logits.has_value() && grad_logits->defined()) g = g.defined() ? g + *grad_logits : *grad_logits;
   if (!g.defined()) g = at::zeros_like(dlogits);
   std::vector<at::Tensor> grad_w(L), grad_b(L);

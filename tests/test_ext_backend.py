@@ -429,6 +429,20 @@ def test_mlp_cross_entropy_deterministic_across_runs():
             assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mlp_cross_entropy_unit_loss_gradient_is_exact(dtype):
+    """A loss gradient of exactly 1 (what loss.backward() sends) skips the scaling pass over
+    dlogits; scaling by 2 is exact in floating point, so the two paths must agree bitwise."""
+    x, weights, biases, target = _head_inputs(dtype, "cpu", n=64, widths=(120, 84, 10))
+    loss, _ = E.mlp_cross_entropy(x, weights, biases, target)
+    params = [x, *weights, *biases]
+    unit = torch.autograd.grad(loss, params, torch.ones((), dtype=dtype), retain_graph=True)
+    two = torch.autograd.grad(loss, params, torch.full((), 2.0, dtype=dtype), retain_graph=True)
+    half = torch.autograd.grad(loss, params, torch.full((), 0.5, dtype=dtype))
+    for u, t, h in zip(unit, two, half):
+        assert torch.equal(u * 2, t) and torch.equal(u * 0.5, h)
+
+
 def test_pool_gradients_deterministic():
     g = torch.Generator().manual_seed(13)
     p = torch.randn(8, 6, 26, 26, generator=g, requires_grad=True)
