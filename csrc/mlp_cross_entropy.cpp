@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_cros
   const size_t L = weights.size();
   TORCH_CHECK(L >= 1 && biases.size() == L, "lenet_fast ext: mlp_cross_entropy needs one bias per weight and at ",
               "least one layer, got ", L, " weights and ", biases.size(), " biases");
-  TORCH_CHECK(x.dim() == 2, "lenet_fast ext: mlp_cross_entropy expects x (N, K), got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2, "lenet_fast ext: mlp_cross_entropy expects x (N, K) or (N, *), got ", x.sizes());
   TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0) && target.scalar_type() == at::kLong,
               "lenet_fast ext: target must be int64 of shape (", x.size(0), ",), got ", target.scalar_type(), " ",
               target.sizes());
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_cros
               x.device());
   std::vector<at::Tensor> hidden;
   hidden.reserve(L - 1);
-  at::Tensor h = x;
+  at::Tensor h = x.flatten(1);  // a view (x itself when 2-D): a conv stack's output goes in as it is
   for (size_t l = 0; l + 1 < L; ++l) {
     h = linear_fwd(h, weights[l], biases[l], /*relu=*/true);
     hidden.push_back(h);
@@ -123,8 +123,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cro
   if (grad_logits.has_value() && grad_logits->defined()) g = g.defined() ? g + *grad_logits : *grad_logits;
   if (!g.defined()) g = at::zeros_like(dlogits);
   std::vector<at::Tensor> grad_w(L), grad_b(L);
+  const at::Tensor x2 = x.flatten(1);
   for (size_t l = L; l-- > 0;) {
-    const at::Tensor& in = l == 0 ? x : hidden[l - 1];
+    const at::Tensor& in = l == 0 ? x2 : hidden[l - 1];
     const at::Tensor& out = l + 1 == L ? logits : hidden[l];
     const bool want_in = l > 0 || input_grad;
     auto [gx, gw, gb] = linear_bwd(g, out, in, weights[l], /*relu=*/l + 1 < L, want_in, weight_grad);
@@ -132,6 +133,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cro
     grad_b[l] = gb;
     g = gx;
   }
+  if (input_grad && x.dim() != 2) g = g.view(x.sizes());  // gx of linear_bwd is contiguous
   return {g, grad_w, grad_b};
 }
 

@@ -63,7 +63,7 @@ class LeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         impl, x, (w1, b1, w2, b2, w3, b3) = self._features(x)
-        x = impl.linear(x, w1, b1, True)
+        x = impl.linear(torch.flatten(x, 1), w1, b1, True)
         x = impl.linear(x, w2, b2, True)
         return impl.linear(x, w3, b3, False)
 
@@ -76,10 +76,11 @@ class LeNet(nn.Module):
             got = (f"{target.dtype} of shape {tuple(target.shape)} on {target.device}"
                    if isinstance(target, torch.Tensor) else type(target).__name__)
             raise ValueError(f"target must be int64 of shape ({x.shape[0]},) on {x.device}, got {got}")
+        # x goes in unflattened: the head op flattens it without an autograd node of its own.
         return impl.mlp_cross_entropy(x, list(head[0::2]), list(head[1::2]), target)
 
     def _features(self, x: torch.Tensor):
-        """(backend implementation, flattened conv features, the head's six parameters)
+        """(backend implementation, conv features (N, 16, 5, 5), the head's six parameters)
         after checking x once."""
         # The layers' arguments are this module's own parameters, whose shapes
         # nn.Conv2d / nn.Linear fix, so only x is checked, once, against them;
@@ -99,7 +100,7 @@ class LeNet(nn.Module):
         impl = backends.implementation(self.backend, x.device, x.dtype)
         x = impl.conv3x3_relu_maxpool2x2(x, w1, b1, 0)
         x = impl.conv3x3_relu_maxpool2x2(x, w2, b2, 0)
-        return impl, torch.flatten(x, 1), head
+        return impl, x, head
 
     def _layer_parameters(self) -> list:
         """[weight, bias] of conv1, conv2, fc1, fc2, fc3, in that order."""

@@ -19,6 +19,8 @@ argument, cost as much as the kernel they guard.  Only when it says no do the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import backends
@@ -166,18 +168,22 @@ def mlp_cross_entropy(x, weights, biases, target, *, backend: str = "auto") -> t
     logits = x -> [linear(., weights[i], biases[i]) + relu] for every layer but the last
     -> linear(., weights[-1], biases[-1]); loss = cross_entropy(logits, target) (mean over
     the batch; no class weights, ignore_index or label smoothing).  x is (N, in_features),
-    target int64 (N,) of class indices.  Both outputs are differentiable.  On the ext
-    backend the whole head is one autograd node, which is what makes it faster than the
-    layers one by one (README, "Benchmarks").
+    or (N, *) flattened from dim 1 as torch.flatten(x, 1) would (a conv stack's output
+    as it is: on the ext backend the flattening then costs no autograd node of its own);
+    target int64 (N,) of class indices.  Both outputs are differentiable, and x's gradient
+    has x's shape.  On the ext backend the whole head is one autograd node, which is what
+    makes it faster than the layers one by one (README, "Benchmarks").
     """
-    _check_tensor("x", x, 2)
+    _check_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must be at least 2-D (N, in_features, ...), got shape {tuple(x.shape)}")
     if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
         raise TypeError(f"weights and biases must be lists of tensors, got {type(weights).__name__} "
                         f"and {type(biases).__name__}")
     if len(weights) == 0 or len(weights) != len(biases):
         raise ValueError(f"need one bias per weight and at least one layer, got {len(weights)} weights "
                          f"and {len(biases)} biases")
-    features, device, dtype = x.shape[1], x.device, x.dtype
+    features, device, dtype = math.prod(x.shape[1:]), x.device, x.dtype
     for i, (weight, bias) in enumerate(zip(weights, biases)):
         # Names are formatted only on failure: per layer they cost more than the checks.
         if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype == dtype

@@ -26,6 +26,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rel
 def mlp_cross_entropy(
     x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.flatten(x, 1)  # (N, *) -> (N, features); x itself when already 2-D
     for weight, bias in zip(weights[:-1], biases[:-1]):
         x = F.relu(F.linear(x, weight, bias))
     logits = F.linear(x, weights[-1], biases[-1])

@@ -289,6 +289,7 @@ def mlp_cross_entropy(x: torch.Tensor, weights: list[torch.Tensor], biases: list
                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # The linear kernels layer by layer, then the one-pass loss kernel.
     _check_dtype(x)
+    x = torch.flatten(x, 1)  # (N, *) -> (N, features); x itself when already 2-D
     for weight, bias in zip(weights[:-1], biases[:-1]):
         x = _linear(x, weight, bias, True)
     logits = _linear(x, weights[-1], biases[-1], False)

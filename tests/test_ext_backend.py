@@ -309,6 +309,7 @@ def _opcheck_samples():
     ly = OPS.ext_linear(a, lw, lb, True)
     hx, hw, hb, ht = _head_inputs(torch.float32, "cpu")
     _, logits, dlogits, hidden = OPS.ext_mlp_cross_entropy(hx, hw, hb, ht)
+    hx4 = leaf(hx.reshape(4, 2, 1, 3))  # a conv stack's (N, C, H, W) output, flattened by the op
     d = lambda t: t.detach()  # noqa: E731
     return [
         ("ext_conv3x3_relu_maxpool2x2", (x, w, b, 1)),
@@ -323,6 +324,7 @@ def _opcheck_samples():
         ("ext_maxpool2x2_backward", (torch.randn(px.shape), pidx, d(x))),
         ("ext_linear_backward", (torch.randn(ly.shape), d(ly), d(a), d(lw), True, True, True)),
         ("ext_mlp_cross_entropy", (hx, hw, hb, ht)),
+        ("ext_mlp_cross_entropy", (hx4, hw, hb, ht)),
         ("ext_count_correct", (logits, ht)),
         ("ext_mlp_cross_entropy_backward",
          (torch.tensor(0.5), torch.randn(logits.shape), dlogits, d(logits), d(hx), [d(w) for w in hw],
@@ -330,10 +332,13 @@ def _opcheck_samples():
         ("ext_mlp_cross_entropy_backward",
          (torch.tensor(1.0), None, dlogits, d(logits), d(hx), [d(w) for w in hw], [d(h) for h in hidden],
           False, True)),
+        ("ext_mlp_cross_entropy_backward",
+         (torch.tensor(1.0), None, dlogits, d(logits), d(hx4), [d(w) for w in hw], [d(h) for h in hidden],
+          True, True)),
     ]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(17))
 def test_opcheck(case):
     name, args = _opcheck_samples()[case]
     torch.library.opcheck(getattr(OPS, name).default, args)

@@ -25,6 +25,7 @@ SHAPES = [
 
 
 def reference(x, weights, biases, target):
+    x = torch.flatten(x, 1)
     for weight, bias in zip(weights[:-1], biases[:-1]):
         x = F.relu(F.linear(x, weight, bias))
     logits = F.linear(x, weights[-1], biases[-1])
@@ -92,6 +93,20 @@ def test_non_contiguous_inputs(backend_device):
     compare(backend, device, (x, weights, biases, target))
 
 
+@pytest.mark.parametrize("batch", [64, 1, 0])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_unflattened_conv_features(backend_device, batch, layout):
+    """A conv stack's (N, C, H, W) output goes in as it is, flattened from dim 1 like
+    torch.flatten(x, 1), also when it is not contiguous; x's gradient keeps x's shape."""
+    backend, device = backend_device
+    x, weights, biases, target = head_inputs(batch, 400, (120, 84, 10), seed=8)
+    x = x.reshape(batch, 16, 5, 5)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert batch <= 1 or not x.is_contiguous()
+    compare(backend, device, (x, weights, biases, target))
+
+
 def test_target_out_of_range_fails(backend_device):
     backend, device = backend_device
     x, weights, biases, target = head_inputs(4, 5, (3,), seed=5)
@@ -116,7 +131,8 @@ def test_target_out_of_range_fails(backend_device):
         (lambda a: {**a, "target": a["target"].float()}, TypeError, "target must be an int64 tensor"),
         (lambda a: {**a, "target": a["target"][:2]}, ValueError, r"target must have shape \(4,\)"),
         (lambda a: {**a, "x": a["x"].double()}, TypeError, r"weights\[0\] has dtype torch.float32"),
-        (lambda a: {**a, "x": a["x"][0]}, ValueError, "x must be 2-D"),
+        (lambda a: {**a, "x": a["x"][0]},
+         ValueError, r"x must be at least 2-D \(N, in_features, ...\), got shape \(5,\)"),
     ],
     ids=["weights-not-list", "bias-count", "no-layers", "x-features", "layer-chain", "bias-shape",
          "target-dtype", "target-shape", "dtype-mismatch", "x-rank"],
