@@ -70,6 +70,24 @@ def test_gradient_through_one_output_only(backend_device, reach):
     compare(backend, device, head_inputs(64, 400, (120, 84, 10), seed=3), reach=(reach,))
 
 
+@pytest.mark.parametrize("frozen", ["x", "parameters"])
+def test_gradient_of_part_of_the_inputs(backend_device, frozen):
+    """Inputs that need no gradient get none, and the others' are still right (the ext
+    backward then skips the input-gradient or the weight-gradient GEMMs)."""
+    backend, device = backend_device
+    x, weights, biases, target = head_inputs(64, 400, (120, 84, 10), seed=9)
+    grads = {}
+    for name, fn, dev, dtype in (("got", lambda *a: ops.mlp_cross_entropy(*a, backend=backend), device, torch.float32),
+                                 ("want", reference, "cpu", torch.float64)):
+        xs = leaf(x.to(dev, dtype), frozen != "x")
+        params = [leaf(t.to(dev, dtype), frozen != "parameters") for t in (*weights, *biases)]
+        loss, _ = fn(xs, params[:3], params[3:], target.to(dev))
+        wanted = [xs] if frozen == "parameters" else params
+        grads[name] = torch.autograd.grad(loss, wanted)
+    for i, (got, want) in enumerate(zip(grads["got"], grads["want"])):
+        assert_close_scaled(got, want, GRAD_REL, f"gradient {i}")
+
+
 def test_nan_input_gives_nan_like_stock(backend_device):
     backend, device = backend_device
     x, weights, biases, target = head_inputs(6, 9, (7, 4), seed=3)
