@@ -37,6 +37,9 @@ class Contender:
     # would, and one stock row uses FusedSGD too, so the table shows what the optimizer
     # alone is worth.
     fused_optimizer: bool = False
+    # lenet_fast's train_step runs an ext LeNet's CPU step as one op (lenet_fast.fused_step);
+    # False keeps the eager autograd step, so the table shows what that op is worth.
+    fused_step: bool = True
 
     def __post_init__(self):
         self.fused_optimizer = self.fused_optimizer or self.backend is not None
@@ -62,6 +65,8 @@ def contenders(device: torch.device, available: set[str]) -> list[Contender]:
     for backend in ("ext", "triton"):
         if backend in available:
             rows.append(Contender(f"lenet_fast {backend}", backend=backend))
+            if backend == "ext" and device.type == "cpu":
+                rows.append(Contender("lenet_fast ext, autograd step", backend=backend, fused_step=False))
             if device.type == "cuda":
                 rows.append(Contender(f"lenet_fast {backend} + CUDA graph", backend=backend, cuda_graph=True))
     rows += [
@@ -180,7 +185,7 @@ class Run:
         else:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            train_step(self.model, self.optimizer, x, y)
+            train_step(self.model, self.optimizer, x, y, fused=self.contender.fused_step)
         self.images += y.shape[0]
 
     def result(self) -> dict:

@@ -43,4 +43,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cro
 // (logits.argmax(1) == target).sum(), an int64 scalar; see count_correct.cpp.
 at::Tensor count_correct(const at::Tensor& logits, const at::Tensor& target);
 
+// One SGD step of LeNet without autograd; returns (loss, correct count); see lenet_sgd_step.cpp.
+std::tuple<at::Tensor, at::Tensor> lenet_sgd_step(const at::Tensor& x, const at::Tensor& target,
+                                                  at::TensorList params, at::TensorList momentum_buffers, double lr,
+                                                  double momentum, double weight_decay, double dampening,
+                                                  bool nesterov, bool maximize);
+
 }  // namespace lenet_fast

@@ -269,6 +269,11 @@ TORCH_LIBRARY(lenet_fast, m) {
       "Tensor x, Tensor[] weights, Tensor[] hidden, bool input_grad, bool weight_grad) "
       "-> (Tensor, Tensor[], Tensor[])");
   m.def("ext_count_correct(Tensor logits, Tensor target) -> Tensor");
+  // Mutates the parameters and buffers in place and sets each parameter's .grad (a side
+  // effect a schema cannot state): for eager training only, CPU only.
+  m.def(
+      "ext_lenet_sgd_step(Tensor x, Tensor target, Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, float lr, "
+      "float momentum, float weight_decay, float dampening, bool nesterov, bool maximize) -> (Tensor, Tensor)");
 }
 
 #define LF_REGISTER_KERNELS(m)                                                                \
@@ -284,7 +289,10 @@ TORCH_LIBRARY(lenet_fast, m) {
   m.impl("ext_mlp_cross_entropy_backward", &mlp_cross_entropy_bwd);                           \
   m.impl("ext_count_correct", &count_correct);
 
-TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { LF_REGISTER_KERNELS(m) }
+TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) {
+  LF_REGISTER_KERNELS(m)
+  m.impl("ext_lenet_sgd_step", &lenet_sgd_step);
+}
 
 #ifdef LENET_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { LF_REGISTER_KERNELS(m) }
@@ -299,6 +307,8 @@ TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) {
   // An integer count has no gradient: the dispatcher goes straight to the kernel (without
   // this, logits that require grad send every call through torch's boxed fallback).
   m.impl("ext_count_correct", torch::CppFunction::makeFallthrough());
+  // Records no graph by design (it runs the backward itself, below autograd).
+  m.impl("ext_lenet_sgd_step", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace lenet_fast

@@ -66,14 +66,34 @@ class FusedSGD(torch.optim.SGD):
         for index, group in enumerate(self.param_groups):
             hyper = dict(weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
                          dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
-            kept = self._lists.get(index)
-            if kept is not None and kept[0] is group["params"] and group["momentum"] != 0:
+            kept = self._kept_lists(index, group)
+            if kept is not None:
                 grads = [p.grad for p in kept[1]]
                 if not any(g is None for g in grads):
                     torch._fused_sgd_(kept[1], grads, kept[2], is_first_step=False, **hyper)
                     continue
             self._step_group(index, group, hyper)
         return loss
+
+    def _kept_lists(self, index: int, group: dict):
+        """(params list, params, momentum buffers) of the group when its fast path is valid."""
+        kept = self._lists.get(index)
+        if kept is not None and kept[0] is group["params"] and group["momentum"] != 0:
+            return kept
+        return None
+
+    def fast_step_arguments(self):
+        """(params, momentum buffers, param group) that the next step() would pass to the
+        fused kernel, given gradients for all params, or None when it would do more than that
+        one call (hooks, several groups, no momentum, buffers not yet created: the first step
+        creates them).  A fused training step calls the kernel itself (lenet_fast.fused_step)."""
+        if len(self.param_groups) != 1 or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks:
+            return None
+        if _global_step_hooks() or getattr(self, "grad_scale", None) is not None \
+                or getattr(self, "found_inf", None) is not None:
+            return None
+        kept = self._kept_lists(0, self.param_groups[0])
+        return None if kept is None else (kept[1], kept[2], self.param_groups[0])
 
     def _step_group(self, index: int, group: dict, hyper: dict) -> None:
         """The general path: parameters without grads skipped, buffers created on a first update."""

@@ -1,0 +1,60 @@
+"""LeNet's SGD training step as one op on the CPU: the CPU's counterpart of --cuda-graph.
+
+An eager training step pays for autograd and Python around every kernel: recording
+three autograd nodes, the engine's run of them and of ten AccumulateGrad nodes, the
+op wrappers and the optimizer's call.  At LeNet's size on a 2-core CPU that was ~17% of
+an ext step (batch 64: ~760 -> ~635 us).  `sgd_step` runs the same step as one call of the extension's
+`ext_lenet_sgd_step` (csrc/lenet_sgd_step.cpp): the same forward and backward kernels in
+the order the autograd engine runs them, then the fused SGD kernel FusedSGD calls.  Loss,
+gradients (left in each parameter's .grad) and updated parameters are bitwise those of
+the eager step (tests/test_lenet_sgd_step.py).
+
+It runs only where it cannot change the result: an ext LeNet on the CPU, trained by a
+FusedSGD whose next step would be its one-kernel fast path, and nothing that the eager
+step would run besides (tensor hooks on the parameters, optimizer hooks, anomaly mode,
+an input that wants a gradient).  Otherwise `sgd_step` returns None and the caller runs
+the eager step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .model import IMAGE_SHAPE, LeNet
+from .optim import FusedSGD
+
+try:
+    from . import ext_backend
+    _step_op = torch.ops.lenet_fast.ext_lenet_sgd_step.default
+except (ImportError, AttributeError):  # extension not built (or built before this op existed)
+    ext_backend = _step_op = None
+
+
+def sgd_step(model: LeNet, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    """One training step as one op: (loss, number of correct predictions), or None when
+    the fused step does not apply (then nothing was done)."""
+    if _step_op is None or type(model) is not LeNet or type(optimizer) is not FusedSGD \
+            or not isinstance(x, torch.Tensor):
+        return None
+    if x.device.type != "cpu" or x.requires_grad or not torch.is_grad_enabled() or torch.is_anomaly_enabled():
+        return None
+    fast = optimizer.fast_step_arguments()
+    if fast is None:
+        return None
+    params, buffers, hyper = fast
+    layers = model._layer_parameters()
+    if len(params) != len(layers) or any(p is not q for p, q in zip(params, layers)):
+        return None
+    if any(p._backward_hooks or p._post_accumulate_grad_hooks or not p.requires_grad for p in params):
+        return None
+    # The inputs the eager step accepts (its own checks raise on the rest).
+    w1 = params[0]
+    if not (x.dim() == 4 and x.shape[1:] == IMAGE_SHAPE and x.dtype == w1.dtype and x.device == w1.device
+            and isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.shape == x.shape[:1]
+            and y.device == x.device and isinstance(hyper["lr"], float)):
+        return None
+    if backends.implementation(model.backend, x.device, x.dtype) is not ext_backend:
+        return None
+    return _step_op(x, y, params, buffers, hyper["lr"], hyper["momentum"], hyper["weight_decay"],
+                    hyper["dampening"], hyper["nesterov"], hyper["maximize"])
