@@ -212,10 +212,17 @@ class Run:
 
 
 def interleave(runs: list[Run], epoch: int, segments: int) -> None:
-    """Epoch `epoch` of every run, their slices taken in turn."""
+    """Epoch `epoch` of every run, their slices taken in turn.
+
+    Each round starts one run later than the round before, so that no run always follows
+    the same neighbour (a slice right after a slow baseline's may start with cold caches)."""
     pending = [run.epoch(epoch, segments) for run in runs]
+    turn = 0
     while pending:
-        pending = [g for g in pending if next(g, StopIteration) is not StopIteration]
+        start = turn % len(pending)
+        finished = {id(g) for g in pending[start:] + pending[:start] if next(g, StopIteration) is StopIteration}
+        pending = [g for g in pending if id(g) not in finished]
+        turn += 1
 
 
 def run(contender: Contender, train_set: data.DeviceData, test_set: data.DeviceData, *, epochs: int,
