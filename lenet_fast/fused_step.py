@@ -3,9 +3,10 @@
 An eager training step pays for autograd and Python around every kernel: recording
 three autograd nodes, the engine's run of them and of ten AccumulateGrad nodes, the
 op wrappers and the optimizer's call.  At LeNet's size on a 2-core CPU that was ~17% of
-an ext step (batch 64: ~760 -> ~635 us).  `sgd_step` runs the same step as one call of the extension's
-`ext_lenet_sgd_step` (csrc/lenet_sgd_step.cpp): the same forward and backward kernels in
-the order the autograd engine runs them, then the fused SGD kernel FusedSGD calls.  Loss,
+an ext step (batch 64: ~760 -> ~635 us).  `sgd_step` runs the same step as one call of
+the extension's `ext_lenet_sgd_step` (csrc/lenet_sgd_step.cpp): the same forward and
+backward kernels in the order the autograd engine runs them, then the fused SGD kernel
+FusedSGD calls.  Loss,
 gradients (left in each parameter's .grad) and updated parameters are bitwise those of
 the eager step (tests/test_lenet_sgd_step.py).
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .model import IMAGE_SHAPE, LeNet
+from .model import LeNet
 from .optim import FusedSGD
 
 try:
@@ -48,11 +49,12 @@ def sgd_step(model: LeNet, optimizer: torch.optim.Optimizer, x: torch.Tensor, y:
         return None
     if any(p._backward_hooks or p._post_accumulate_grad_hooks or not p.requires_grad for p in params):
         return None
-    # The inputs the eager step accepts (its own checks raise on the rest).
-    w1 = params[0]
-    if not (x.dim() == 4 and x.shape[1:] == IMAGE_SHAPE and x.dtype == w1.dtype and x.device == w1.device
-            and isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.shape == x.shape[:1]
-            and y.device == x.device and isinstance(hyper["lr"], float)):
+    try:  # the model's own checks: on bad input the eager step raises them
+        model._check_input(x, params[0])
+        model._check_target(x, y)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(hyper["lr"], float):
         return None
     if backends.implementation(model.backend, x.device, x.dtype) is not ext_backend:
         return None

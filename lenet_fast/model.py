@@ -70,14 +70,10 @@ class LeNet(nn.Module):
     def forward_with_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross_entropy(self(x), target), self(x)) with the classifier head and the loss
         fused into one op (`lenet_fast.ops.mlp_cross_entropy`): what training calls."""
-        impl, x, head = self._features(x)
-        if not (isinstance(target, torch.Tensor) and target.dtype == torch.int64
-                and target.shape == x.shape[:1] and target.device == x.device):
-            got = (f"{target.dtype} of shape {tuple(target.shape)} on {target.device}"
-                   if isinstance(target, torch.Tensor) else type(target).__name__)
-            raise ValueError(f"target must be int64 of shape ({x.shape[0]},) on {x.device}, got {got}")
-        # x goes in unflattened: the head op flattens it without an autograd node of its own.
-        return impl.mlp_cross_entropy(x, list(head[0::2]), list(head[1::2]), target)
+        impl, features, head = self._features(x)
+        self._check_target(x, target)
+        # The features go in unflattened: the head op flattens it without an autograd node of its own.
+        return impl.mlp_cross_entropy(features, list(head[0::2]), list(head[1::2]), target)
 
     def _features(self, x: torch.Tensor):
         """(backend implementation, conv features (N, 16, 5, 5), the head's six parameters)
@@ -88,19 +84,34 @@ class LeNet(nn.Module):
         # every layer through lenet_fast.ops made an ext training step on the
         # CPU ~7% slower, batch 64.)
         w1, b1, w2, b2, *head = self._layer_parameters()
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"LeNet expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1:] != IMAGE_SHAPE:
-            raise ValueError(f"LeNet expects x of shape (N, 1, 28, 28), got {tuple(x.shape)}")
-        if x.device != w1.device or x.dtype != w1.dtype:
-            raise ValueError(
-                f"x is {x.dtype} on {x.device} but the model's parameters are {w1.dtype} on {w1.device}; "
-                "move one to match (model.to(...) or x.to(...))"
-            )
+        self._check_input(x, w1)
         impl = backends.implementation(self.backend, x.device, x.dtype)
         x = impl.conv3x3_relu_maxpool2x2(x, w1, b1, 0)
         x = impl.conv3x3_relu_maxpool2x2(x, w2, b2, 0)
         return impl, x, head
+
+    @staticmethod
+    def _check_input(x, conv1_weight: torch.Tensor) -> None:
+        """TypeError/ValueError unless x is images (N, 1, 28, 28) of the parameters' dtype and device."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"LeNet expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1:] != IMAGE_SHAPE:
+            raise ValueError(f"LeNet expects x of shape (N, 1, 28, 28), got {tuple(x.shape)}")
+        w = conv1_weight
+        if x.device != w.device or x.dtype != w.dtype:
+            raise ValueError(
+                f"x is {x.dtype} on {x.device} but the model's parameters are {w.dtype} on {w.device}; "
+                "move one to match (model.to(...) or x.to(...))"
+            )
+
+    @staticmethod
+    def _check_target(x: torch.Tensor, target) -> None:
+        """ValueError unless target is int64 class indices (N,) on x's device."""
+        if not (isinstance(target, torch.Tensor) and target.dtype == torch.int64
+                and target.shape == x.shape[:1] and target.device == x.device):
+            got = (f"{target.dtype} of shape {tuple(target.shape)} on {target.device}"
+                   if isinstance(target, torch.Tensor) else type(target).__name__)
+            raise ValueError(f"target must be int64 of shape ({x.shape[0]},) on {x.device}, got {got}")
 
     def _layer_parameters(self) -> list:
         """[weight, bias] of conv1, conv2, fc1, fc2, fc3, in that order."""

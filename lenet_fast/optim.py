@@ -49,7 +49,7 @@ class FusedSGD(torch.optim.SGD):
         # torch.optim wraps a subclass's step() in its hook and profiler
         # dispatch unless marked `hooked` (below); that wrapper alone cost
         # ~50 us per call, so it is used only when hooks are registered.
-        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_step_hooks():
+        if self._has_step_hooks():
             return torch.optim.Optimizer.profile_hook_step(FusedSGD._step)(self, closure)
         return self._step(closure)
 
@@ -61,7 +61,7 @@ class FusedSGD(torch.optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+        if self._scales_grads():
             raise RuntimeError("FusedSGD does not unscale gradients (GradScaler); use torch.optim.SGD(fused=True)")
         for index, group in enumerate(self.param_groups):
             hyper = dict(weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
@@ -75,6 +75,13 @@ class FusedSGD(torch.optim.SGD):
             self._step_group(index, group, hyper)
         return loss
 
+    def _has_step_hooks(self) -> bool:
+        return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_step_hooks())
+
+    def _scales_grads(self) -> bool:
+        """Whether GradScaler set grad_scale/found_inf, which FusedSGD does not apply."""
+        return getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
+
     def _kept_lists(self, index: int, group: dict):
         """(params list, params, momentum buffers) of the group when its fast path is valid."""
         kept = self._lists.get(index)
@@ -87,10 +94,7 @@ class FusedSGD(torch.optim.SGD):
         fused kernel, given gradients for all params, or None when it would do more than that
         one call (hooks, several groups, no momentum, buffers not yet created: the first step
         creates them).  A fused training step calls the kernel itself (lenet_fast.fused_step)."""
-        if len(self.param_groups) != 1 or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks:
-            return None
-        if _global_step_hooks() or getattr(self, "grad_scale", None) is not None \
-                or getattr(self, "found_inf", None) is not None:
+        if len(self.param_groups) != 1 or self._has_step_hooks() or self._scales_grads():
             return None
         kept = self._kept_lists(0, self.param_groups[0])
         return None if kept is None else (kept[1], kept[2], self.param_groups[0])

@@ -124,11 +124,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     With `fused` (the default), an ext LeNet on the CPU trained by FusedSGD takes the whole
     step as one op, bitwise the same as the eager step (lenet_fast.fused_step says when).
     """
-    if fused and isinstance(model, LeNet):
-        done = fused_step.sgd_step(model, optimizer, x, y)
+    if isinstance(model, LeNet):  # classifier head + loss as one fused op; step helpers above
+        done = fused_step.sgd_step(model, optimizer, x, y) if fused else None
         if done is not None:
             return done
-    if isinstance(model, LeNet):  # classifier head + loss as one fused op; step helpers above
         loss, logits = model.forward_with_loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         _backward(loss)
