@@ -66,15 +66,12 @@ def test_fused_step_is_bitwise_the_eager_step(dtype, sgd):
             assert torch.equal(a, b), f"step {step}: state tensor {i} differs"
 
 
-def test_train_step_takes_the_fused_path():
+def test_train_step_takes_the_fused_path(monkeypatch):
     (model, optimizer), _ = _pair()
     calls = []
     original = fused_step._step_op
-    fused_step._step_op = lambda *a: calls.append(1) or original(*a)
-    try:
-        train_step(model, optimizer, *_batch(4, 1))
-    finally:
-        fused_step._step_op = original
+    monkeypatch.setattr(fused_step, "_step_op", lambda *a: calls.append(1) or original(*a))
+    train_step(model, optimizer, *_batch(4, 1))
     assert calls == [1]
 
 
