@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import end_to_end, op_cases, run
+from benchmarks import accuracy, end_to_end, op_cases, run
 from helpers import write_synthetic_mnist
 from lenet_fast import backends, data
 
@@ -125,3 +125,42 @@ def test_compiled_contender_compiles_every_batch_shape_before_the_timed_epoch():
         pass
     assert compiled > 0 and counters["stats"]["unique_graphs"] == compiled
     torch._dynamo.reset()
+
+
+def test_accuracy_parity_seeds_parse_and_refuse_clearly():
+    assert accuracy.parse_seeds("0-3,9") == [0, 1, 2, 3, 9] and accuracy.parse_seeds("7") == [7]
+    for bad in ("x", "3-1", "1,1", "-1", ""):
+        with pytest.raises(Exception, match="--seeds"):
+            accuracy.parse_seeds(bad)
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--epochs", "0"])
+
+
+def test_accuracy_parity_summary_pairs_each_row_with_each_stock_reference():
+    acc = {"stock": [0.9800, 0.9900, 0.9850], "stock fused": [0.9810, 0.9900, 0.9845],
+           "ext": [0.9780, 0.9916, 0.9850]}
+    pairs = {(p["row"], p["reference"]): p for p in accuracy.summarize(acc, ["stock", "stock fused"], bar=0.15)}
+    assert set(pairs) == {("stock fused", "stock"), ("ext", "stock"), ("ext", "stock fused")}
+    ext = pairs[("ext", "stock")]
+    assert ext["diff_points"] == pytest.approx([-0.20, 0.16, 0.0], abs=1e-9)
+    assert ext["mean"] == pytest.approx(-0.04 / 3) and ext["max_abs"] == pytest.approx(0.20)
+    assert ext["seeds_over_bar"] == 2 and ext["sd"] == pytest.approx(0.18036999011291582)
+    assert pairs[("ext", "stock fused")]["seeds_over_bar"] == 2  # -0.30, +0.16, +0.05
+    assert pairs[("stock fused", "stock")]["seeds_over_bar"] == 0
+    exactly_the_bar = accuracy.summarize({"stock": [0.9833], "ext": [0.9848]}, ["stock"], bar=0.15)[0]
+    assert exactly_the_bar["diff_points"] == [0.15] and exactly_the_bar["seeds_over_bar"] == 0
+
+
+def test_accuracy_parity_command_on_tiny_mnist(tmp_path, capsys):
+    write_synthetic_mnist(tmp_path / "data", n_train=128, n_test=64)
+    out = tmp_path / "out"
+    assert accuracy.main(["--device", "cpu", "--seeds", "3,5", "--threads", "1", "--data-dir",
+                          str(tmp_path / "data"), "--out", str(out)]) == 0
+    result = json.loads((out / "accuracy.json").read_text())
+    assert result["seeds"] == [3, 5] and list(result["accuracy"])[:2] == ["stock eager", "stock eager + fused SGD"]
+    assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in result["accuracy"].values())
+    assert "| stock eager + fused SGD | stock eager |" in (out / "accuracy.md").read_text()
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as exc:  # no MNIST: an error, never accuracy on random data
+        accuracy.main(["--device", "cpu", "--seeds", "0", "--data-dir", str(tmp_path / "nothing"), "--out", str(out)])
+    assert exc.value.code == 2 and "--data-dir" in capsys.readouterr().err
