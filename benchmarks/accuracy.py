@@ -17,17 +17,15 @@ Writes accuracy.json, accuracy.md and accuracy.png into --out
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from benchmarks import end_to_end
-from benchmarks.run import fast_backends
+from benchmarks.run import fast_backends, prepare
 from lenet_fast import cli, data
 
 BAR_POINTS = 0.15  # the accuracy bar lenet_fast aims at: within this many points of stock, same seed
@@ -137,12 +135,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        cli.fail("benchmarks.accuracy", "--device cuda: CUDA is not available on this machine")
-    threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    cli.configure_determinism()
+    device, out, header = prepare("benchmarks.accuracy", args, argv)
     try:
         train_set, test_set = data.load("mnist", args.data_dir or data.default_data_dir(), device=device,
                                         download=False)
@@ -150,13 +143,8 @@ def main(argv=None) -> int:
         cli.fail("benchmarks.accuracy", f"--data-dir: {exc}")
     contenders = parity_contenders(device, fast_backends(device))
     references = [c.name for c in contenders if c.backend is None]
-    out = Path(args.out or Path(__file__).parent / "results" / device.type)
-    out.mkdir(parents=True, exist_ok=True)
     result = {
-        "date": datetime.date.today().isoformat(),
-        "command": "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"device": device.type, "device_name": cli.device_name(device), "threads": threads,
-                    "versions": cli.versions()},
+        **header,
         "epochs": args.epochs, "bar_points": args.bar, "seeds": [],
         "accuracy": {c.name: [] for c in contenders},
     }

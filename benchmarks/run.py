@@ -199,22 +199,34 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def prepare(prog: str, args: argparse.Namespace, argv) -> tuple[torch.device, Path, dict]:
+    """What every benchmark command does first: the device (refused clearly when absent),
+    the thread count, deterministic settings, the output folder, and the header of its
+    results: date, the command as typed, the machine."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        cli.fail("benchmarks.run", "--device cuda: CUDA is not available on this machine")
+        cli.fail(prog, "--device cuda: CUDA is not available on this machine")
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     cli.configure_determinism()
-    names = fast_backends(device)
     out = Path(args.out or Path(__file__).parent / "results" / device.type)
     out.mkdir(parents=True, exist_ok=True)
-    result = {
+    header = {
         "date": datetime.date.today().isoformat(),
-        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"device": device.type, "device_name": cli.device_name(device), "threads": threads,
                     "versions": cli.versions()},
+    }
+    return device, out, header
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, out, header = prepare("benchmarks.run", args, argv)
+    threads = header["machine"]["threads"]
+    names = fast_backends(device)
+    result = {
+        **header,
         "fast_backends": names,
         "quick": args.quick,
     }
