@@ -154,7 +154,8 @@ def test_accuracy_parity_summary_pairs_each_row_with_each_stock_reference():
 def test_accuracy_parity_command_on_tiny_mnist(tmp_path, capsys):
     write_synthetic_mnist(tmp_path / "data", n_train=128, n_test=64)
     out = tmp_path / "out"
-    assert accuracy.main(["--device", "cpu", "--seeds", "3,5", "--threads", "1", "--data-dir",
+    threads = str(torch.get_num_threads())  # the command sets the process's thread count: leave it as it was
+    assert accuracy.main(["--device", "cpu", "--seeds", "3,5", "--threads", threads, "--data-dir",
                           str(tmp_path / "data"), "--out", str(out)]) == 0
     result = json.loads((out / "accuracy.json").read_text())
     assert result["seeds"] == [3, 5] and list(result["accuracy"])[:2] == ["stock eager", "stock eager + fused SGD"]
@@ -162,5 +163,6 @@ def test_accuracy_parity_command_on_tiny_mnist(tmp_path, capsys):
     assert "| stock eager + fused SGD | stock eager |" in (out / "accuracy.md").read_text()
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit) as exc:  # no MNIST: an error, never accuracy on random data
-        accuracy.main(["--device", "cpu", "--seeds", "0", "--data-dir", str(tmp_path / "nothing"), "--out", str(out)])
+        accuracy.main(["--device", "cpu", "--seeds", "0", "--threads", threads, "--data-dir", str(tmp_path / "nothing"),
+                       "--out", str(out)])
     assert exc.value.code == 2 and "--data-dir" in capsys.readouterr().err
