@@ -69,9 +69,9 @@ def parity_contenders(device: torch.device, names: list[str]) -> list[end_to_end
 def summarize(accuracy: dict[str, list[float]], references: list[str], bar: float) -> list[dict]:
     """Per (row, reference) pair: the differences row - reference in points, over the seeds."""
     pairs = []
-    for reference in references:
+    for i, reference in enumerate(references):
         for name, values in accuracy.items():
-            if name == reference or (name in references and references.index(name) < references.index(reference)):
+            if name in references[:i + 1]:  # itself, or a stock row already paired with this one
                 continue
             # Rounded: accuracies are counts over the test set, and a gap of exactly the bar
             # (0.9848 - 0.9833 = 0.15000000000000568 points in floats) must not count as over it.
