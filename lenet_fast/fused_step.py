@@ -6,9 +6,8 @@ op wrappers and the optimizer's call.  At LeNet's size on a 2-core CPU that was 
 an ext step (batch 64: ~760 -> ~635 us).  `sgd_step` runs the same step as one call of
 the extension's `ext_lenet_sgd_step` (csrc/lenet_sgd_step.cpp): the same forward and
 backward kernels in the order the autograd engine runs them, then the fused SGD kernel
-FusedSGD calls.  Loss,
-gradients (left in each parameter's .grad) and updated parameters are bitwise those of
-the eager step (tests/test_lenet_sgd_step.py).
+FusedSGD calls.  Loss, gradients (left in each parameter's .grad) and updated
+parameters are bitwise those of the eager step (tests/test_lenet_sgd_step.py).
 
 It runs only where it cannot change the result: an ext LeNet on the CPU, trained by a
 FusedSGD whose next step would be its one-kernel fast path, and nothing that the eager
