@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.end_to_end import Contender
 from benchmarks.run import fast_backends
-from lenet_fast.train import train_step
+from lenet_fast.training import train_step
 
 
 def count(contender: Contender, device: torch.device, batch: int) -> dict:

@@ -9,20 +9,29 @@ with accuracy.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from lenet_fast import data
-from lenet_fast.cuda_graph import GraphedTrainStep, restore_training_state, snapshot_training_state
+from lenet_fast import cli, data
+from lenet_fast.cuda_graph import restore_training_state, snapshot_training_state
 from lenet_fast.model import LeNet, TorchLeNet
 from lenet_fast.optim import MOMENTUM, make_optimizer
-from lenet_fast.train import DEFAULT_LR, evaluate, learning_rate, train_step
+from lenet_fast.train import DEFAULT_LR, evaluate
+from lenet_fast.training import TrainingStep, epoch_batch_sizes, learning_rate, lr_holder
 
 SEED = 0  # the default; `benchmarks.run --seed` picks another (the same for every contender)
 BATCH_SIZE = 64
+STOCK_GRAPH = "stock + CUDA graph"  # the reference for what CUDA graphs alone are worth
 
 
 @dataclasses.dataclass
@@ -40,14 +49,18 @@ class Contender:
     # lenet_fast's train_step runs an ext LeNet's CPU step as one op (lenet_fast.fused_step);
     # False keeps the eager autograd step, so the table shows what that op is worth.
     fused_step: bool = True
+    # The path `python -m lenet_fast.train` takes on this device with this backend.
+    default_path: bool = False
 
     def __post_init__(self):
-        self.fused_optimizer = self.fused_optimizer or self.backend is not None
+        # CUDA graphs need a fused optimizer (its kernels read the learning rate from a tensor).
+        self.fused_optimizer = self.fused_optimizer or self.backend is not None or self.cuda_graph
 
-    def make_optimizer(self, model: torch.nn.Module, lr: float | torch.Tensor) -> torch.optim.Optimizer:
+    def make_optimizer(self, model: torch.nn.Module, lr: float | torch.Tensor,
+                       weight_decay: float = 0.0) -> torch.optim.Optimizer:
         if self.fused_optimizer:
-            return make_optimizer(model.parameters(), "sgd", lr)
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True)
+            return make_optimizer(model.parameters(), "sgd", lr, weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, nesterov=True, weight_decay=weight_decay)
 
     def make_model(self, device: torch.device, seed: int = SEED) -> torch.nn.Module:
         torch.manual_seed(seed)
@@ -59,26 +72,49 @@ class Contender:
 
 
 def contenders(device: torch.device, available: set[str]) -> list[Contender]:
-    """Stock eager first (the reference of every speedup), then lenet_fast, then the slow
-    or slow-to-compile baselines: a run cut short by a time limit keeps the main rows."""
+    """Stock eager first (the reference of every speedup), stock with the same whole-step
+    CUDA graph as lenet_fast's (on CUDA), then lenet_fast, then the slow or slow-to-compile
+    baselines: a run cut short by a time limit keeps the main rows."""
+    cuda = device.type == "cuda"
     rows = [Contender("stock eager"), Contender("stock eager + fused SGD", fused_optimizer=True)]
+    if cuda:
+        rows.append(Contender(STOCK_GRAPH, cuda_graph=True))
     for backend in ("ext", "triton"):
-        if backend in available:
-            rows.append(Contender(f"lenet_fast {backend}", backend=backend))
-            if backend == "ext" and device.type == "cpu":
+        if backend not in available:
+            continue
+        if cuda:  # lenet_fast.train's default on CUDA replays graphs; the eager row says what they are worth
+            rows.append(Contender(f"lenet_fast {backend} + CUDA graph", backend=backend, cuda_graph=True,
+                                  default_path=True))
+            rows.append(Contender(f"lenet_fast {backend}, eager", backend=backend))
+        else:
+            rows.append(Contender(f"lenet_fast {backend}", backend=backend, default_path=True))
+            if backend == "ext":
                 rows.append(Contender("lenet_fast ext, autograd step", backend=backend, fused_step=False))
-            if device.type == "cuda":
-                rows.append(Contender(f"lenet_fast {backend} + CUDA graph", backend=backend, cuda_graph=True))
     rows += [
         Contender("stock eager, seed DataLoader", seed_dataloader=True),
         Contender("torch.compile", compile_mode="default"),
     ]
-    if device.type == "cuda":
+    if cuda:
         rows += [
             Contender("torch.compile reduce-overhead", compile_mode="reduce-overhead"),
             Contender("torch.compile max-autotune-no-cudagraphs", compile_mode="max-autotune-no-cudagraphs"),
         ]
     return rows
+
+
+def load_data(device: torch.device, data_root) -> tuple[data.DeviceData, data.DeviceData, str, object]:
+    """(train, test, source, data_root): MNIST from `data_root`, else random data of
+    MNIST's size (timing still means something on it; accuracy does not), data_root None."""
+    try:
+        train_set, test_set = data.load("mnist", data_root, device=device, download=False)
+        return train_set, test_set, "real MNIST", data_root
+    except data.DatasetError as exc:
+        print(f"benchmarks: no MNIST ({exc.__class__.__name__}); timing on random data, accuracy meaningless",
+              file=sys.stderr)
+    g = torch.Generator().manual_seed(0)
+    make = lambda n: data.DeviceData(torch.randn(n, 1, 28, 28, generator=g).to(device),  # noqa: E731
+                                     torch.randint(0, 10, (n,), generator=g).to(device))
+    return make(60000), make(10000), "random data (MNIST not found)", None
 
 
 def _seed_dataloader(root, limit: int | None, seed: int):
@@ -113,13 +149,13 @@ class Run:
     """
 
     def __init__(self, contender: Contender, train_set: data.DeviceData, test_set: data.DeviceData, *, epochs: int,
-                 device: torch.device, data_root=None, limit: int | None = None, seed: int = SEED):
+                 device: torch.device, data_root=None, limit: int | None = None, seed: int = SEED,
+                 weight_decay: float = 0.0):
         self.contender, self.train_set, self.test_set, self.device = contender, train_set, test_set, device
         self.epochs = epochs
         self.model = contender.make_model(device, seed)
-        self.lr_tensor = torch.tensor(DEFAULT_LR["sgd"], device=device) if contender.cuda_graph else None
         self.optimizer = contender.make_optimizer(
-            self.model, DEFAULT_LR["sgd"] if self.lr_tensor is None else self.lr_tensor)
+            self.model, lr_holder(DEFAULT_LR["sgd"], device, contender.cuda_graph), weight_decay)
         if contender.seed_dataloader:
             loader = _seed_dataloader(data_root, limit, seed)
             self.batches_of: Callable[[int], object] = lambda epoch: (
@@ -132,22 +168,22 @@ class Run:
         self.total_steps = self.steps_per_epoch * epochs
         self.epoch_seconds: list[float] = []
         self.images = 0
+        self.train_seconds = 0.0  # every slice of every epoch so far
+        self.steps_done = 0
 
         _sync(device)
         started = time.perf_counter()
-        self.graphed = None
-        if contender.cuda_graph:
-            self.graphed = GraphedTrainStep(self.model, self.optimizer, BATCH_SIZE)
-        elif contender.compile_mode is not None:
-            # Every batch shape the epoch will see, so that no compilation lands in the timed
-            # epoch: MNIST's smaller last batch (32 images) recompiles (0.5 s on the 2-core
-            # CPU; on a GPU, seconds: see README, "Benchmarks, GPU").
+        # Every batch shape the epoch will see (MNIST's last batch has 32 images): graphs are
+        # captured and torch.compile compiles for each before the clock starts.
+        batch_sizes = epoch_batch_sizes(len(train_set), BATCH_SIZE)
+        self.step = TrainingStep(self.model, self.optimizer, cuda_graph=contender.cuda_graph,
+                                 batch_sizes=batch_sizes, fused=contender.fused_step)
+        if contender.compile_mode is not None:
             snapshot = snapshot_training_state(self.model, self.optimizer)
-            shapes = {BATCH_SIZE, len(train_set) % BATCH_SIZE} - {0}
-            for n in sorted(shapes, reverse=True):
+            for n in batch_sizes:
                 x, y = train_set.images[:n], train_set.labels[:n]
                 for _ in range(3):  # reduce-overhead records its CUDA graphs after a couple of runs
-                    train_step(self.model, self.optimizer, x, y)
+                    self.step.step(x, y)
             restore_training_state(self.model, self.optimizer, snapshot)
         _sync(device)
         self.warmup_seconds = time.perf_counter() - started
@@ -169,24 +205,22 @@ class Run:
                     break
                 step, (x, y) = item
                 self._train_step(epoch * self.steps_per_epoch + step, x, y)
+                done = step + 1 == self.steps_per_epoch
+                if done:
+                    break
             _sync(self.device)
-            elapsed += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            elapsed += seconds
+            self.train_seconds += seconds
             if not done:
                 yield
         self.epoch_seconds.append(elapsed)
 
     def _train_step(self, global_step: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        lr = learning_rate({"lr": DEFAULT_LR["sgd"]}, global_step, self.total_steps)
-        if self.graphed is not None:
-            if y.shape[0] != BATCH_SIZE:  # static shapes: the smaller last batch is dropped
-                return
-            self.lr_tensor.fill_(lr)
-            self.graphed.step(x, y)
-        else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            train_step(self.model, self.optimizer, x, y, fused=self.contender.fused_step)
+        self.step.set_lr(learning_rate(DEFAULT_LR["sgd"], global_step, self.total_steps))
+        self.step.step(x, y)
         self.images += y.shape[0]
+        self.steps_done += 1
 
     def result(self) -> dict:
         """Test accuracy and inference speed after training; the row of the results table."""
@@ -200,6 +234,8 @@ class Run:
         return {
             "name": self.contender.name,
             "backend": self.contender.backend or "stock",
+            "cuda_graph": self.contender.cuda_graph,
+            "default_path": self.contender.default_path,
             "epochs": self.epochs,
             "epoch_seconds": self.epoch_seconds,
             "best_epoch_seconds": best,
@@ -233,3 +269,57 @@ def run(contender: Contender, train_set: data.DeviceData, test_set: data.DeviceD
         for _ in r.epoch(epoch):
             pass
     return r.result()
+
+
+def run_capped(contender: Contender, *, epochs: int, device: torch.device, data_root, seed: int,
+               limit_seconds: float) -> dict:
+    """`run` in a child process that is killed after `limit_seconds` (compilation included):
+    a torch.compile mode that autotunes for minutes then costs its own row, not the others'.
+    A row cut short says so in `cut_after_seconds` and has no timings."""
+    command = [sys.executable, "-m", "benchmarks.end_to_end", "--contender", contender.name,
+               "--device", device.type, "--epochs", str(epochs), "--seed", str(seed),
+               "--threads", str(torch.get_num_threads())]
+    if data_root is not None:
+        command += ["--data-dir", str(data_root)]
+    # A session of its own, so that inductor's compile workers die with it.
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=limit_seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return {"name": contender.name, "backend": "stock", "epochs": epochs, "cut_after_seconds": limit_seconds}
+    if child.returncode != 0:
+        raise RuntimeError(f"{contender.name}: the child run failed (exit {child.returncode}):\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    """One contender's row as JSON on the last line of stdout (what `run_capped` runs)."""
+    p = argparse.ArgumentParser(prog="benchmarks.end_to_end", description="Train one end-to-end contender.")
+    p.add_argument("--contender", required=True, help="a row name of benchmarks.run's end-to-end table")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cli.configure_determinism()
+    from benchmarks.run import fast_backends
+
+    by_name = {c.name: c for c in contenders(device, set(fast_backends(device)))}
+    if args.contender not in by_name:
+        p.error(f"--contender: unknown {args.contender!r}; choose one of {sorted(by_name)}")
+    train_set, test_set, _, data_root = load_data(device, args.data_dir)
+    row = run(by_name[args.contender], train_set, test_set, epochs=args.epochs, device=device, data_root=data_root,
+              seed=args.seed)
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -82,8 +82,12 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Preference order of "auto", per device type; the first usable backend wins.
-_AUTO_ORDER: dict[str, list[str]] = {"cpu": [], "cuda": []}
+# What "auto" picks per device type: the fastest measured path first, for training and for
+# inference alike (the same backend won both), then the fallbacks; the first backend usable
+# for the tensors' dtype wins.  The runs that decided it: docs/auto-backend.md.
+AUTO_ORDER = {"cpu": ["ext", "torch"], "cuda": ["ext", "triton", "torch"]}
+# The same, with backends registered later (register_backend's auto_priority) placed in it.
+_AUTO_ORDER: dict[str, list[str]] = {device_type: list(order) for device_type, order in AUTO_ORDER.items()}
 # implementation()'s answers, per (name, device, dtype) as its callers pass them.
 _IMPLEMENTATIONS: dict[tuple, object] = {}
 
@@ -118,7 +122,9 @@ def resolve(name: str, device: torch.device | str, dtype: torch.dtype | None = N
     device_type = torch.device(device).type
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device_type, []):
-            backend = _REGISTRY[candidate]
+            backend = _REGISTRY.get(candidate)
+            if backend is None:
+                continue
             if dtype is not None and dtype not in backend.dtypes:
                 continue
             if backend.unavailable_reason(device_type) is None:
@@ -192,7 +198,6 @@ register_backend(
         dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
         device_check=_cuda_check,
     ),
-    auto_priority={"cpu": 99, "cuda": 99},
 )
 
 
@@ -215,7 +220,6 @@ register_backend(
         dtypes=(torch.float32,),
         device_check=_triton_check,
     ),
-    auto_priority={"cuda": 0},
 )
 
 
@@ -238,6 +242,5 @@ register_backend(
         dtypes=(torch.float32, torch.float64),
         device_check=_ext_check,
     ),
-    auto_priority={"cpu": 0, "cuda": 1},
 )
 

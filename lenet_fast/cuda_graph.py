@@ -1,27 +1,32 @@
-"""One training step (forward, backward, optimizer step) captured as a CUDA graph.
+"""A training step (forward, backward, optimizer step) captured as CUDA graphs.
 
 At LeNet's size a training step is a few dozen tiny kernels, so on a GPU the
 time goes into launching them from Python, not into running them.  Capturing the
 whole step once and replaying it turns ~60 launches into one.
 
-The graph reads its batch from static buffers (`copy_` the next batch in, then
-replay) and its learning rate from a device tensor, so the cosine schedule keeps
-working without re-capture.  The optimizer is a fused one (`fused=True`), whose
-kernels read that tensor (see lenet_fast.optim).  Shapes are static: only full batches are replayed; a
-smaller last batch of an epoch is skipped, as with `drop_last=True`.
+A graph has static shapes, so there is one graph per batch size the epoch uses:
+the full batch and, when the batch size does not divide the dataset, the smaller
+last batch.  Every sample of an epoch is trained, exactly as in eager mode.  The
+graphs read their batch from one static buffer (the smaller batch from its first
+rows: `copy_` the batch in, then replay) and their learning rate from a device
+tensor, so the cosine schedule keeps working without re-capture.  The optimizer
+is a fused one, whose kernels read that tensor (see lenet_fast.optim).
 
 Warm-up steps run before capture (autotuning, lazy initialisation and optimizer
 state allocation must not happen inside a capture); they would change the model,
 so its parameters and optimizer state are restored afterwards: the first replayed
-step starts from exactly the state the caller handed in.
+step starts from exactly the state the caller handed in.  Capturing runs no
+kernel, so it changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def snapshot_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
@@ -53,30 +58,34 @@ def restore_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 class GraphedTrainStep:
-    """step(x, y) -> (loss, correct) with x, y of exactly `batch_size` rows.
+    """step(x, y) -> (loss, correct) for batches of one of `batch_sizes` rows.
 
-    On CUDA the step is a replayed CUDA graph; on other devices (tests) the same
-    code runs eagerly on the same static buffers, so the logic is checkable on CPU.
+    `step_fn(x, y)` is the eager training step to capture (it must read the learning
+    rate from a tensor and update `model`'s parameters with `optimizer`); see
+    `lenet_fast.training.TrainingStep`, which builds one.  On CUDA each batch size is
+    a replayed CUDA graph; on other devices (tests) the same code runs eagerly on the
+    same static buffers, so the logic is checkable on a CPU.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int,
-                 image_shape=(1, 28, 28), warmup_steps: int = 3) -> None:
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_sizes: Iterable[int],
+                 step_fn: StepFn, *, image_shape=(1, 28, 28), warmup_steps: int = 3) -> None:
+        sizes = sorted(set(batch_sizes), reverse=True)
+        if not sizes or any(not isinstance(n, int) or n <= 0 for n in sizes):
+            raise ValueError(f"batch_sizes must be positive integers, got {list(batch_sizes)}")
+        self.model, self.optimizer, self.step_fn = model, optimizer, step_fn
         device = next(model.parameters()).device
-        self.batch_size = batch_size
-        self.static_x = torch.zeros(batch_size, *image_shape, device=device)
-        self.static_y = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.graph = None
+        self.batch_sizes = sizes
+        self.static_x = torch.zeros(sizes[0], *image_shape, device=device)
+        self.static_y = torch.zeros(sizes[0], dtype=torch.long, device=device)
+        # batch size -> (graph, its loss, its correct count); graphs only on CUDA
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._warm_up(warmup_steps)
         if device.type == "cuda":
-            self._capture()
+            for n in sizes:
+                self._capture(n)
 
-    def _eager_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(self.static_x)
-        loss = F.cross_entropy(logits, self.static_y)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach(), (logits.detach().argmax(1) == self.static_y).sum()
+    def _inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.static_x[:n], self.static_y[:n]
 
     def _warm_up(self, steps: int) -> None:
         snapshot = snapshot_training_state(self.model, self.optimizer)
@@ -85,27 +94,31 @@ class GraphedTrainStep:
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for _ in range(steps):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._eager_step()
+            for n in self.batch_sizes:
+                for _ in range(steps):
+                    self.step_fn(*self._inputs(n))
         if stream is not None:
             torch.cuda.current_stream(device).wait_stream(stream)
         restore_training_state(self.model, self.optimizer, snapshot)
 
-    def _capture(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_loss, self.static_correct = self._eager_step()
+    def _capture(self, n: int) -> None:
+        # Gradients set to None: each graph's backward then allocates its own, inside its
+        # own memory pool, instead of accumulating into another graph's.
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss, correct = self.step_fn(*self._inputs(n))
+        self.graphs[n] = (graph, loss, correct)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[0] != self.batch_size:
-            raise ValueError(f"a graphed step takes batches of exactly {self.batch_size}, got {x.shape[0]}")
-        self.static_x.copy_(x, non_blocking=True)
-        self.static_y.copy_(y, non_blocking=True)
-        if self.graph is None:
-            self.optimizer.zero_grad(set_to_none=False)
-            return self._eager_step()
-        self.graph.replay()
-        return self.static_loss, self.static_correct
-
+        n = x.shape[0]
+        if n not in self.batch_sizes:
+            raise ValueError(f"this graphed step was captured for batches of {self.batch_sizes} rows, got {n}")
+        static_x, static_y = self._inputs(n)
+        static_x.copy_(x, non_blocking=True)
+        static_y.copy_(y, non_blocking=True)
+        if n not in self.graphs:
+            return self.step_fn(static_x, static_y)
+        graph, loss, correct = self.graphs[n]
+        graph.replay()
+        return loss, correct

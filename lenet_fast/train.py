@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, cli, data, fused_step
-from .cuda_graph import GraphedTrainStep
+from . import checkpoint, cli, data
 from .model import LeNet
 from .optim import make_optimizer
+from .training import TrainingStep, epoch_batch_sizes, learning_rate, lr_holder
 
 PROG = "lenet_fast.train"
 
@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<date>-<time>)")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from this checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="capture forward+backward+optimizer step as one CUDA graph (CUDA only; full batches only)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the training step (forward, backward, optimizer step) as CUDA graphs, one per "
+                        "batch size of the epoch; on by default on CUDA (--cuda-graph only says so), "
+                        "--no-cuda-graph runs every step eagerly")
     return p
 
 
@@ -97,54 +99,6 @@ def make_config(args: argparse.Namespace, resumed: dict | None) -> dict:
         config["out"] = str(Path("runs") / f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
     config["no_download"] = bool(config.get("no_download"))
     return config
-
-
-def _load_step_helpers():
-    """(backward, count_correct) as lenet_fast's training step runs them.
-
-    With the extension built: loss.backward() started from C++ (the same engine run
-    without ~30 us of torch.autograd.backward's Python per call) and the correct-prediction
-    count as one op instead of three (~15 us); together ~6% of an ext training step at
-    batch 64 on a 2-core CPU (see csrc/register.cpp, csrc/count_correct.cpp).  Without it,
-    torch's own."""
-    try:
-        from .ext_backend import count_correct, run_backward
-    except ImportError:
-        return torch.Tensor.backward, lambda logits, y: (logits.argmax(1) == y).sum()
-    return run_backward, count_correct
-
-
-_backward, _count_correct = _load_step_helpers()
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               fused: bool = True):
-    """One training step; returns (loss, number of correct predictions), both on the device.
-
-    With `fused` (the default), an ext LeNet on the CPU trained by FusedSGD takes the whole
-    step as one op, bitwise the same as the eager step (lenet_fast.fused_step says when).
-    """
-    if isinstance(model, LeNet):  # classifier head + loss as one fused op; step helpers above
-        done = fused_step.sgd_step(model, optimizer, x, y) if fused else None
-        if done is not None:
-            return done
-        loss, logits = model.forward_with_loss(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        _backward(loss)
-        optimizer.step()
-        return loss.detach(), _count_correct(logits, y)
-    # The stock step (the benchmarks time stock models through here).
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()  # argmax records no graph
-
-
-def learning_rate(config: dict, step: int, total_steps: int) -> float:
-    """Cosine annealing from the peak lr to 0, a function of the global step only."""
-    return 0.5 * config["lr"] * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 @torch.no_grad()
@@ -206,6 +160,18 @@ def plot_curves(history: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def resolve_cuda_graph(option: bool | None, device: torch.device) -> bool:
+    """--cuda-graph / --no-cuda-graph / neither (None) -> whether steps replay CUDA graphs.
+
+    On by default on CUDA, where an eager step of this net is bound by the host that
+    launches its kernels; off on the CPU, where there are no graphs."""
+    if option is None:
+        return device.type == "cuda"
+    if option and device.type != "cuda":
+        raise cli.UsageError("--cuda-graph needs a CUDA device (--device cuda); on the CPU every step runs eagerly")
+    return option
+
+
 def train(config: dict, resumed: dict | None = None) -> dict:
     """Run (or continue) training as configured; returns the metrics dict."""
     cli.configure_determinism()
@@ -219,23 +185,19 @@ def train(config: dict, resumed: dict | None = None) -> dict:
 
     torch.manual_seed(config["seed"])
     model = LeNet(backend=backend).to(device)
-    lr_tensor = None
-    if config.get("cuda_graph"):
-        if device.type != "cuda":
-            raise cli.UsageError("--cuda-graph needs a CUDA device (--device cuda)")
-        if len(train_set) < config["batch_size"]:
-            raise cli.UsageError(f"--cuda-graph replays full batches only, and {len(train_set)} training images "
-                                 f"do not fill one batch of {config['batch_size']}")
-        lr_tensor = torch.tensor(config["lr"], device=device)
-    optimizer = make_optimizer(model.parameters(), config["optimizer"],
-                               config["lr"] if lr_tensor is None else lr_tensor, config["weight_decay"])
+    cuda_graph = resolve_cuda_graph(config.get("cuda_graph"), device)
+    optimizer = make_optimizer(model.parameters(), config["optimizer"], lr_holder(config["lr"], device, cuda_graph),
+                               config["weight_decay"])
     history, start_epoch, start_step, partial = [], 0, 0, None
     if resumed is not None:
+        # How the step runs, not what it computes, comes from this run, not the checkpoint:
+        # the schedule sets lr every step (a graph reads this very tensor), and a graph
+        # needs a capturable Adam.
+        kept = [{k: group[k] for k in ("lr", "capturable") if k in group} for group in optimizer.param_groups]
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
-        if lr_tensor is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_tensor  # the graph reads this very tensor
+        for group, own in zip(optimizer.param_groups, kept):
+            group.update(own)
         history = list(resumed["history"])
         start_epoch, start_step, partial = resumed["epoch"], resumed["step"], resumed["partial"]
         torch.set_rng_state(resumed["rng_cpu"])
@@ -245,25 +207,20 @@ def train(config: dict, resumed: dict | None = None) -> dict:
         "versions": cli.versions(),
         "device_name": cli.device_name(device),
         "backend": backend,
+        "cuda_graph": cuda_graph,
         "train_size": len(train_set),
         "test_size": len(test_set),
         "test_accuracy": history[-1]["test_accuracy"] if history else None,
         "epochs": history,
     }
     batch_size, epochs = config["batch_size"], config["epochs"]
-    graphed = GraphedTrainStep(model, optimizer, batch_size) if lr_tensor is not None else None
-
-    def set_learning_rate(value: float) -> None:
-        if lr_tensor is not None:
-            lr_tensor.fill_(value)
-        else:
-            for group in optimizer.param_groups:
-                group["lr"] = value
+    trainer = TrainingStep(model, optimizer, cuda_graph=cuda_graph,
+                           batch_sizes=epoch_batch_sizes(len(train_set), batch_size))
 
     steps_per_epoch = train_set.num_batches(batch_size)
     total_steps = steps_per_epoch * epochs
     print(f"{PROG}: {config['dataset']} ({len(train_set)} train / {len(test_set)} test) on {device} "
-          f"[{metrics['device_name']}], backend {backend}, {epochs} epochs of {steps_per_epoch} steps -> {out}",
+          f"[{metrics['device_name']}], backend {backend}{' + CUDA graphs' if cuda_graph else ''}, {epochs} epochs of {steps_per_epoch} steps -> {out}",
           flush=True)
 
     def save_checkpoint(epoch: int, step: int, part: dict | None) -> None:
@@ -289,15 +246,9 @@ def train(config: dict, resumed: dict | None = None) -> dict:
             started = time.perf_counter()
             step = start_step
             for x, y in train_set.batches(batch_size, order=order, start=start_step):
-                set_learning_rate(learning_rate(config, epoch * steps_per_epoch + step, total_steps))
+                trainer.set_lr(learning_rate(config["lr"], epoch * steps_per_epoch + step, total_steps))
                 step += 1
-                if graphed is None:
-                    loss, batch_correct = train_step(model, optimizer, x, y)
-                elif y.shape[0] == batch_size:
-                    loss, batch_correct = graphed.step(x, y)
-                else:  # a CUDA graph has static shapes: the smaller last batch is dropped
-                    bar.update(1)
-                    continue
+                loss, batch_correct = trainer.step(x, y)
                 loss_sum += loss.double() * y.shape[0]
                 correct += batch_correct
                 seen += y.shape[0]

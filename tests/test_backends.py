@@ -76,3 +76,20 @@ def test_backend_missing_an_op_is_unavailable_with_reason(monkeypatch):
     )
     with pytest.raises(lenet_fast.BackendUnavailableError, match="does not implement conv3x3_relu, maxpool2x2"):
         ops.maxpool2x2(torch.zeros(1, 1, 2, 2), backend="partial")
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_auto_order_follows_the_committed_benchmark_results(device_type):
+    """`auto` picks the fastest measured lenet_fast backend, for training (shortest epoch of
+    any lenet_fast row) and for inference (most test images/s), per the results that
+    benchmarks.run committed for this device type (docs/auto-backend.md)."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / device_type / "results.json"
+    rows = [r for r in json.loads(path.read_text())["end_to_end"]
+            if r["backend"] != "stock" and "best_epoch_seconds" in r]
+    fastest_training = min(rows, key=lambda r: r["best_epoch_seconds"])["backend"]
+    fastest_inference = max(rows, key=lambda r: r["inference_images_per_second"])["backend"]
+    assert backends.AUTO_ORDER[device_type][0] == fastest_training == fastest_inference
+    assert backends.AUTO_ORDER[device_type][-1] == "torch"

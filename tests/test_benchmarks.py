@@ -5,12 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import accuracy, end_to_end, op_cases, run
+from benchmarks import accuracy, end_to_end, op_cases, run, time_to_accuracy
 from helpers import write_synthetic_mnist
 from lenet_fast import backends, data
 
@@ -80,7 +81,7 @@ def test_interleaved_runs_train_exactly_as_runs_alone():
     device = torch.device("cpu")
     runs = [end_to_end.Run(c, split, split, epochs=2, device=device) for c in contenders]
     for epoch in range(2):
-        end_to_end.interleave(runs, epoch, segments=3)  # 4 batches per epoch: slices of 2, 2 and 0
+        end_to_end.interleave(runs, epoch, segments=3)  # 4 batches per epoch: slices of 2 and 2
     for r, c in zip(runs, contenders):
         alone = end_to_end.Run(c, split, split, epochs=2, device=device)
         for epoch in range(2):
@@ -88,6 +89,60 @@ def test_interleaved_runs_train_exactly_as_runs_alone():
                 pass
         assert len(r.epoch_seconds) == 2 and r.images == alone.images == 200
         assert all(torch.equal(p, q) for p, q in zip(r.model.parameters(), alone.model.parameters()))
+
+
+def test_cuda_rows_compare_graphs_with_graphs():
+    """On CUDA the table holds stock PyTorch with the same whole-step CUDA graph as lenet_fast's
+    default, each lenet_fast backend graphed (its default) and eager, and every torch.compile
+    mode; on the CPU, no graph rows."""
+    cuda = {c.name: c for c in end_to_end.contenders(torch.device("cuda"), {"ext", "triton"})}
+    stock_graph = cuda[end_to_end.STOCK_GRAPH]
+    assert stock_graph.cuda_graph and stock_graph.backend is None and stock_graph.fused_optimizer
+    assert list(cuda)[:3] == ["stock eager", "stock eager + fused SGD", end_to_end.STOCK_GRAPH]
+    assert [n for n, c in cuda.items() if c.default_path] == ["lenet_fast ext + CUDA graph",
+                                                               "lenet_fast triton + CUDA graph"]
+    assert {"lenet_fast ext, eager", "lenet_fast triton, eager", "torch.compile reduce-overhead",
+            "torch.compile max-autotune-no-cudagraphs"} <= set(cuda)
+    cpu = end_to_end.contenders(torch.device("cpu"), {"ext"})
+    assert not any(c.cuda_graph for c in cpu) and [c.name for c in cpu if c.default_path] == ["lenet_fast ext"]
+
+
+def test_graphed_rows_train_every_batch_like_their_eager_twins():
+    """A graph row's logic (run eagerly on the CPU's static buffers) trains every batch,
+    the smaller last one included, to the eager row's parameters."""
+    g = torch.Generator().manual_seed(4)
+    split = data.DeviceData(torch.randn(150, 1, 28, 28, generator=g), torch.randint(0, 10, (150,), generator=g))
+    device = torch.device("cpu")
+    graphed = end_to_end.Run(end_to_end.Contender(end_to_end.STOCK_GRAPH, cuda_graph=True), split, split, epochs=1,
+                             device=device)
+    eager = end_to_end.Run(end_to_end.Contender("stock eager + fused SGD", fused_optimizer=True), split, split,
+                           epochs=1, device=device)
+    for r in (graphed, eager):
+        for _ in r.epoch(0):
+            pass
+    assert graphed.step.graphed is not None and graphed.step.graphed.batch_sizes == [64, 22]
+    assert graphed.images == eager.images == 150 and graphed.steps_done == 3
+    assert all(torch.equal(p, q) for p, q in zip(graphed.model.parameters(), eager.model.parameters()))
+
+
+def test_capped_row_runs_in_a_child_and_is_cut_at_its_limit(tmp_path):
+    write_synthetic_mnist(tmp_path, n_train=128, n_test=64)
+    device = torch.device("cpu")
+    stock = end_to_end.Contender("stock eager")
+    row = end_to_end.run_capped(stock, epochs=1, device=device, data_root=tmp_path, seed=0, limit_seconds=300)
+    assert row["name"] == "stock eager" and row["images_per_second"] > 0 and 0 <= row["test_accuracy"] <= 1
+    started = time.perf_counter()
+    cut = end_to_end.run_capped(stock, epochs=1, device=device, data_root=tmp_path, seed=0, limit_seconds=0.2)
+    assert cut == {"name": "stock eager", "backend": "stock", "epochs": 1, "cut_after_seconds": 0.2}
+    assert time.perf_counter() - started < 30
+    result = {"date": "today", "command": "test", "fast_backends": [], "end_to_end_data": "synthetic",
+              "end_to_end": [{**row, "speedup_vs_stock_eager": 1.0}, cut],
+              "machine": {"device": "cpu", "device_name": "test cpu", "threads": 1,
+                          "versions": {"torch": "x", "triton": "y"}}}
+    run.write_markdown(result, tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert "| stock eager | cut after 0.2 s |" in text and "vs stock + CUDA graph" in text
+    run.plot(result, tmp_path / "speedup.png")
 
 
 def test_op_cases_cover_every_op_and_run():
@@ -166,3 +221,56 @@ def test_accuracy_parity_command_on_tiny_mnist(tmp_path, capsys):
         accuracy.main(["--device", "cpu", "--seeds", "0", "--threads", threads, "--data-dir", str(tmp_path / "nothing"),
                        "--out", str(out)])
     assert exc.value.code == 2 and "--data-dir" in capsys.readouterr().err
+
+
+def test_time_to_accuracy_contenders_per_device():
+    cuda = [c.name for c in time_to_accuracy.contenders(torch.device("cuda"), ["ext", "triton"])]
+    assert cuda == ["stock eager", end_to_end.STOCK_GRAPH, "lenet_fast ext + CUDA graph",
+                    "lenet_fast triton + CUDA graph", "torch.compile reduce-overhead"]
+    cpu = time_to_accuracy.contenders(torch.device("cpu"), ["ext"])
+    assert [c.name for c in cpu] == ["stock eager", "lenet_fast ext", "torch.compile"]
+    assert cpu[-1].compile_mode == "default"
+    other = time_to_accuracy.contenders(torch.device("cpu"), [], compile_mode="max-autotune")
+    assert other[-1].name == "torch.compile max-autotune" and other[-1].compile_mode == "max-autotune"
+
+
+def test_time_to_accuracy_on_tiny_mnist(tmp_path, capsys):
+    write_synthetic_mnist(tmp_path / "data", n_train=512, n_test=64)
+    out = tmp_path / "out"
+    ours = "lenet_fast ext" if "ext" in run.fast_backends(torch.device("cpu")) else None
+    names = ",".join(["stock eager"] + ([ours] if ours else []))
+    common = ["--device", "cpu", "--threads", str(torch.get_num_threads()), "--data-dir", str(tmp_path / "data"),
+              "--contenders", names, "--max-epochs", "4", "--out", str(out)]
+    assert time_to_accuracy.main([*common, "--seeds", "0,1", "--target", "0.5"]) == 0
+    rows = json.loads((out / "time_to_accuracy.json").read_text())
+    assert len(rows) == 2 * len(names.split(","))
+    for row in rows:
+        assert {"contender", "seed", "target", "reached", "seconds", "epochs", "test_accuracy"} <= set(row)
+        assert row["reached"] and row["test_accuracy"] >= 0.5 and row["seconds"] > 0 and 0 < row["epochs"] <= 4
+        # evaluated every quarter epoch (8 batches of 64: slices of 2), and stopped at the first hit
+        assert [p[1] for p in row["curve"]] == pytest.approx([i / 4 for i in range(1, len(row["curve"]) + 1)])
+        assert all(p[2] < 0.5 for p in row["curve"][:-1]) and row["curve"][-1][2] == row["test_accuracy"]
+        assert all(a[0] < b[0] for a, b in zip(row["curve"], row["curve"][1:]))  # the clock only moves on
+    text = (out / "time_to_accuracy.md").read_text()
+    assert "| stock eager | 2/2 |" in text and "Command: `python -m benchmarks.time_to_accuracy" in text
+    if ours:
+        assert f"| {ours} | 2/2 |" in text
+    assert (out / "time_to_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A target not reached in time (one epoch here): the contender trains all its epochs and says so.
+    assert time_to_accuracy.main([*common, "--seeds", "0", "--target", "0.99", "--contenders", "stock eager",
+                                  "--max-epochs", "1"]) == 0
+    (row,) = json.loads((out / "time_to_accuracy.json").read_text())
+    assert not row["reached"] and row["epochs"] == 1 and len(row["curve"]) == 4
+    assert "(not reached)" in (out / "time_to_accuracy.md").read_text()
+
+    # No MNIST: a clear error and exit 2, never a target "reached" on random data.
+    with pytest.raises(SystemExit) as exc:
+        time_to_accuracy.main([*common[:5], str(tmp_path / "nothing"), "--out", str(out)])
+    assert exc.value.code == 2 and "means nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        time_to_accuracy.main([*common, "--contenders", "stock eager,nope"])
+    assert exc.value.code == 2 and "--contenders: unknown ['nope']" in capsys.readouterr().err
+    for bad in (["--target", "1.5"], ["--max-epochs", "0"], ["--evals-per-epoch", "0"]):
+        with pytest.raises(SystemExit):
+            time_to_accuracy.parse_args(bad)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import write_synthetic_mnist
-from lenet_fast import checkpoint, data, predict
+from lenet_fast import checkpoint, cli, data, predict
 from lenet_fast import train as train_module
 
 EPOCH_FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds", "images_per_second"}
@@ -41,7 +41,7 @@ def test_train_writes_outputs_and_learns(trained_run):
     assert {"checkpoint.pt", "metrics.json", "curves.png"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"config", "versions", "device_name", "backend", "test_accuracy", "epochs"} <= set(metrics)
-    assert metrics["backend"] == "torch"
+    assert metrics["backend"] == "torch" and metrics["cuda_graph"] is False  # eager on the CPU
     assert {"torch", "triton", "lenet_fast"} <= set(metrics["versions"])
     assert {"epochs", "batch_size", "lr", "optimizer", "seed", "dataset", "device", "backend"} <= set(metrics["config"])
     epochs = metrics["epochs"]
@@ -246,7 +246,22 @@ def test_mnist_format_conversion_centres_the_ink():
     assert rows.max() - rows.min() + 1 == 20  # longer side scaled to 20 pixels
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_graph_needs_cuda(dataset_root, tmp_path):
     result = run_cli("train", "--device", "cpu", "--cuda-graph", "--data-dir", dataset_root, "--out", tmp_path)
     assert result.returncode == 2 and "--cuda-graph needs a CUDA device" in result.stderr
+
+
+@pytest.mark.parametrize("argv, option", [([], None), (["--cuda-graph"], True), (["--no-cuda-graph"], False)])
+def test_cuda_graph_is_the_default_on_cuda_only(argv, option):
+    """Neither flag: graphs on CUDA, eager on the CPU; --no-cuda-graph: eager everywhere;
+    --cuda-graph: says the default on CUDA, refused on the CPU (before any work is done)."""
+    parser = train_module.build_parser()
+    assert parser.parse_args(argv).cuda_graph is option
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train_module.resolve_cuda_graph(option, cuda) is (option is not False)
+    if option:
+        with pytest.raises(cli.UsageError, match="--cuda-graph needs a CUDA device"):
+            train_module.resolve_cuda_graph(option, cpu)
+    else:
+        assert train_module.resolve_cuda_graph(option, cpu) is False
+    assert "--no-cuda-graph" in parser.format_help() and "on by default on CUDA" in " ".join(parser.format_help().split())

@@ -585,9 +585,9 @@ def test_training_step_uses_the_extension_helpers():
     """lenet_fast's training step starts backward from C++ and counts with one op when the
     extension is built; the stock models the benchmarks compare against keep loss.backward()
     and the three-op count (train_step's stock branch)."""
-    from lenet_fast import train
+    from lenet_fast import training
 
-    assert train._backward is E.run_backward and train._count_correct is E.count_correct
+    assert training._backward is E.run_backward and training._count_correct is E.count_correct
 
 
 # --- count_correct: (logits.argmax(1) == target).sum() in one op ---------------------------

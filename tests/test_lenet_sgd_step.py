@@ -14,7 +14,7 @@ import torch
 from lenet_fast import fused_step
 from lenet_fast.model import LeNet
 from lenet_fast.optim import FusedSGD, make_optimizer
-from lenet_fast.train import train_step
+from lenet_fast.training import train_step
 
 if fused_step._step_op is None:  # pragma: no cover
     pytest.skip("ext backend unavailable (lenet_fast._C not built)", allow_module_level=True)
