@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import end_to_end
-from benchmarks.run import fast_backends, prepare
-from lenet_fast import cli, data
+from benchmarks.run import fast_backends, load_real_mnist, prepare
 
 BAR_POINTS = 0.15  # the accuracy bar lenet_fast aims at: within this many points of stock, same seed
 
@@ -61,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parity_contenders(device: torch.device, names: list[str]) -> list[end_to_end.Contender]:
-    """benchmarks.run's main rows: those that differ in kernels or optimizer, not in feed or compiler."""
+    """benchmarks.run's main rows: those that differ in kernels or optimizer, not in feed, compiler
+    or launch (a CUDA-graph row replays its eager twin's kernels on the same batches)."""
     return [c for c in end_to_end.contenders(device, set(names))
             if c.compile_mode is None and not c.seed_dataloader and not c.cuda_graph]
 
@@ -136,11 +136,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, out, header = prepare("benchmarks.accuracy", args, argv)
-    try:
-        train_set, test_set = data.load("mnist", args.data_dir or data.default_data_dir(), device=device,
-                                        download=False)
-    except data.DatasetError as exc:  # accuracy on random data means nothing: no fallback here
-        cli.fail("benchmarks.accuracy", f"--data-dir: {exc}")
+    train_set, test_set = load_real_mnist("benchmarks.accuracy", args.data_dir, device)
     contenders = parity_contenders(device, fast_backends(device))
     references = [c.name for c in contenders if c.backend is None]
     result = {

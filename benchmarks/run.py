@@ -234,6 +234,15 @@ def prepare(prog: str, args: argparse.Namespace, argv) -> tuple[torch.device, Pa
     return device, out, header
 
 
+def load_real_mnist(prog: str, data_dir, device: torch.device) -> tuple[data.DeviceData, data.DeviceData]:
+    """MNIST's (train, test) on `device`, or exit 2 with the reason: for commands whose
+    figures are accuracies, which mean nothing on random data (no fallback there)."""
+    try:
+        return data.load("mnist", data_dir or data.default_data_dir(), device=device, download=False)
+    except data.DatasetError as exc:
+        cli.fail(prog, f"--data-dir: {exc} (accuracy on random data means nothing)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, out, header = prepare("benchmarks.run", args, argv)

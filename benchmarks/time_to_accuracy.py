@@ -33,7 +33,7 @@ import torch
 
 from benchmarks import end_to_end
 from benchmarks.accuracy import parse_seeds
-from benchmarks.run import fast_backends, prepare
+from benchmarks.run import fast_backends, load_real_mnist, prepare
 from lenet_fast import cli, data
 from lenet_fast.train import DEFAULT_LR, DEFAULTS, evaluate
 
@@ -201,11 +201,7 @@ def plot(result: dict, rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, out, header = prepare(PROG, args, argv)
-    try:
-        train_set, test_set = data.load("mnist", args.data_dir or data.default_data_dir(), device=device,
-                                        download=False)
-    except data.DatasetError as exc:
-        cli.fail(PROG, f"{exc} (an accuracy target on random data means nothing; give MNIST with --data-dir)")
+    train_set, test_set = load_real_mnist(PROG, args.data_dir, device)
     chosen = contenders(device, fast_backends(device), args.compile_mode)
     if args.contenders is not None:
         wanted = [name.strip() for name in args.contenders.split(",")]

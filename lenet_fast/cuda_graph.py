@@ -22,7 +22,7 @@ kernel, so it changes nothing.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

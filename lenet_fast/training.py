@@ -10,7 +10,7 @@ epoch; elsewhere, or with `cuda_graph=False`, it runs `train_step` eagerly.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
