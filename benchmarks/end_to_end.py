@@ -66,6 +66,9 @@ class Contender:
         torch.manual_seed(seed)
         model = (TorchLeNet() if self.backend is None else LeNet(backend=self.backend)).to(device)
         if self.compile_mode is not None:
+            # From scratch, as a user's first run compiles: otherwise a second model in the same
+            # process reuses the first one's compiled code and its warm-up looks free.
+            torch._dynamo.reset()
             mode = None if self.compile_mode == "default" else self.compile_mode
             model = torch.compile(model, mode=mode)
         return model

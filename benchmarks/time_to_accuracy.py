@@ -188,7 +188,8 @@ def plot(result: dict, rows: list[dict], path: Path) -> None:
                 alpha=1 if first else 0.5, label=row["contender"] if first else None)
     ax.axhline(100 * result["target"], color="black", ls="--", lw=0.8)
     ax.set_xscale("log")
-    ax.set_ylim(max(90.0, min((100 * p[2] for r in rows for p in r["curve"]), default=90.0)), 100)
+    lowest = min((100 * p[2] for r in rows for p in r["curve"]), default=90.0)
+    ax.set_ylim(max(90.0, lowest - 0.3), 100)
     ax.set(xlabel="training seconds (log scale; evaluation and warm-up excluded)", ylabel="test accuracy (%)",
            title=f"Time to {100 * result['target']:g}% on {result['machine']['device_name']}")
     ax.grid(alpha=0.3, which="both")
