@@ -11,6 +11,13 @@
 // output channels (forward) or input channels (grad input) keeps 12
 // accumulators in registers per tap.
 //
+// NaN/inf: the zeroed margins and junk columns of the gradient buffer make the
+// fast loops multiply 0 by weights (input gradient) and by input values (weight
+// gradient) that stock's dense formula never pairs.  0 * w is 0 only for a finite
+// w, so a call with a non-finite weight takes input_grad_image_exact, and an image
+// with a non-finite value takes weight_grad_image_exact: plain loops over exactly
+// the (output pixel, tap) pairs that exist, as stock sums them.
+//
 // Determinism: weight/bias gradients are accumulated per fixed batch chunk of
 // kBatchChunk images (images in order) and the chunk partials are then summed in
 // chunk order, so the result does not depend on the number of threads.
@@ -292,6 +299,63 @@ inline void input_grad_block(const T* __restrict G, const T* __restrict wpb, T* 
   }
 }
 
+// True when no element is NaN or +-inf: v - v is 0 for a finite v and NaN
+// otherwise, so one vectorised sum answers it (four accumulators, so that the
+// adds' latency does not bound it).
+template <typename T>
+inline bool all_finite(const T* p, int64_t n) {
+  constexpr int K = 4 * Lanes<T>::L1;
+  T acc[K] = {};
+  int64_t i = 0;
+  for (; i + K <= n; i += K) {
+    LF_SIMD
+    for (int j = 0; j < K; ++j) acc[j] += p[i + j] - p[i + j];
+  }
+  T sum = T(0);
+  for (; i < n; ++i) sum += p[i] - p[i];
+  for (int j = 0; j < K; ++j) sum += acc[j];
+  return sum == T(0);
+}
+
+// weight_grad_image over the (output pixel, tap) pairs that exist only (see the top
+// of this file); xn is image n unpadded (Cin x H x W).  A tap reading the zero
+// padding adds g * 0, as in stock.
+template <typename T, int L>
+inline void weight_grad_image_exact(const T* xn, const T* G, T* gw, const ConvGeom<L>& g) {
+  for (int64_t co = 0; co < g.Cout; ++co)
+    for (int64_t ci = 0; ci < g.Cin; ++ci)
+      for (int t = 0; t < 9; ++t) {
+        T sum = T(0);
+        for (int64_t oy = 0; oy < g.Ho; ++oy) {
+          const int64_t iy = conv_in_coord(oy, t / 3, g.pad);
+          for (int64_t ox = 0; ox < g.Wo; ++ox) {
+            const int64_t ix = conv_in_coord(ox, t % 3, g.pad);
+            const bool inside = iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
+            sum += G[co * g.Q + g.F + oy * g.S + ox] * (inside ? xn[(ci * g.H + iy) * g.W + ix] : T(0));
+          }
+        }
+        gw[(co * g.Cin + ci) * 9 + t] += sum;
+      }
+}
+
+// The input gradient of image n (gxn: Cin x H x W) over the (output pixel, tap) pairs
+// that exist only (see the top of this file).
+template <typename T, int L>
+inline void input_grad_image_exact(const T* G, const T* w, T* gxn, const ConvGeom<L>& g) {
+  for (int64_t ci = 0; ci < g.Cin; ++ci)
+    for (int64_t iy = 0; iy < g.H; ++iy)
+      for (int64_t ix = 0; ix < g.W; ++ix) {
+        T sum = T(0);
+        for (int64_t co = 0; co < g.Cout; ++co)
+          for (int t = 0; t < 9; ++t) {
+            const int64_t oy = conv_out_coord(iy, t / 3, g.pad), ox = conv_out_coord(ix, t % 3, g.pad);
+            if (oy >= 0 && oy < g.Ho && ox >= 0 && ox < g.Wo)
+              sum += G[co * g.Q + g.F + oy * g.S + ox] * w[(co * g.Cin + ci) * 9 + t];
+          }
+        gxn[(ci * g.H + iy) * g.W + ix] = sum;
+      }
+}
+
 // Backward driver.  `fill(n, G, S, F, Q, gbias)` writes the gradient wrt the conv
 // output of image n into the zeroed buffer G (channel co, position (y, x) at
 // G[co*Q + F + y*S + x]) and adds its bias gradient to gbias[co], in a fixed order.
@@ -310,7 +374,8 @@ void conv_backward(const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape&
   const int64_t nchunks = ceil_div(s.N, kBatchChunk);
   std::vector<T> partial(want_w ? nchunks * (nw + s.Cout) : 0, T(0));
   std::vector<T> wpi;
-  if (gx != nullptr) wpi = pack_weight_in(w, s.Cout, s.Cin);
+  const bool w_finite = gx == nullptr || all_finite(w, nw);
+  if (gx != nullptr && w_finite) wpi = pack_weight_in(w, s.Cout, s.Cin);
   at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
     std::vector<T> xp(want_w ? g.Cin * g.P : 0);
     std::vector<T> G(g.Cout * g.Q);
@@ -324,11 +389,18 @@ void conv_backward(const T* x, const T* w, T* gx, T* gw, T* gb, const ConvShape&
         std::fill(bias_img.begin(), bias_img.end(), T(0));
         fill(n, G.data(), g.S, g.F, g.Q, bias_img.data());
         if (want_w) {
-          pack_image(x + n * s.Cin * s.H * s.W, xp.data(), g);
-          weight_grad_image<T, L>(xp.data(), G.data(), pw, g);
+          const T* xn = x + n * s.Cin * s.H * s.W;
+          if (all_finite(xn, s.Cin * s.H * s.W)) {
+            pack_image(xn, xp.data(), g);
+            weight_grad_image<T, L>(xp.data(), G.data(), pw, g);
+          } else {
+            weight_grad_image_exact<T, L>(xn, G.data(), pw, g);
+          }
           for (int64_t co = 0; co < s.Cout; ++co) pw[nw + co] += bias_img[co];
         }
-        if (gx != nullptr) {
+        if (gx != nullptr && !w_finite) {
+          input_grad_image_exact<T, L>(G.data(), w, gx + n * s.Cin * s.H * s.W, g);
+        } else if (gx != nullptr) {
           for (int64_t cb = 0; cb < g.in_blocks(); ++cb) {
             input_grad_block<T, L>(G.data(), wpi.data() + cb * s.Cout * 9 * kCB, gxb.data(), g);
             const int64_t nc = std::min<int64_t>(kCB, s.Cin - cb * kCB);

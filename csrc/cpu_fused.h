@@ -358,24 +358,6 @@ inline bool fused_backward_winners_ok(const ConvShape& s) {
   return std::is_same<T, float>::value && s.Cin >= 1 && s.Cin <= kClC;
 }
 
-// True when no element is NaN or +-inf: v - v is 0 for a finite v and NaN
-// otherwise, so one vectorised sum answers it.  Four vector accumulators: with
-// one, the adds' latency bound it (14 us for LeNet's two inputs, 7 us now, 1 thread).
-template <typename T>
-inline bool all_finite(const T* p, int64_t n) {
-  constexpr int K = 4 * Lanes<T>::L1;
-  T acc[K] = {};
-  int64_t i = 0;
-  for (; i + K <= n; i += K) {
-    LF_SIMD
-    for (int j = 0; j < K; ++j) acc[j] += p[i + j] - p[i + j];
-  }
-  T sum = T(0);
-  for (; i < n; ++i) sum += p[i] - p[i];
-  for (int j = 0; j < K; ++j) sum += acc[j];
-  return sum == T(0);
-}
-
 // Copy image x (Cin x H x W, NCHW) into the interior of xcl (Hpad x Wpad x C),
 // channel stride C >= Cin.  Border and channels >= Cin are not written.
 template <typename T>

@@ -1,6 +1,9 @@
 // MLP classifier head + mean cross-entropy in one op:
 //   h_0 = x,  h_l = relu(h_{l-1} W_l^T + b_l) for l < L,  logits = h_{L-1} W_L^T + b_L,
-//   loss = mean_n(logsumexp(logits_n) - logits_n[target_n]).
+//   loss = mean_n(logsumexp(logits_n) - logits_n[target_n]) over the rows whose target is
+//   not kIgnoreIndex (-100, stock cross_entropy's ignore_index: such a row adds nothing to the
+//   loss or the gradients, and the mean is over the other rows; all rows ignored: NaN loss,
+//   zero gradients, as in stock).
 // The layers are linear.cpp's kernels (GEMMs + fused bias/ReLU passes); the loss pass also
 // writes dlogits = d loss / d logits, so the backward is linear.cpp's backward run layer by
 // layer from the top.  Why one op: in eager PyTorch every layer and the loss is its own
@@ -25,19 +28,31 @@ namespace lenet_fast {
 
 namespace {
 
+constexpr int64_t kIgnoreIndex = -100;
+
 // Row-wise log-softmax cross-entropy on the CPU: returns the mean loss and writes dz.
 // Serial over rows: a classifier's N x C is small, and the row losses are summed in
 // row order in double (float64: in long double), so the loss is deterministic.
 template <typename T>
 T softmax_cross_entropy_cpu(const T* z, const int64_t* target, T* dz, int64_t N, int64_t C) {
   using acc_t = at::acc_type<T, /*is_cuda=*/false>;
+  int64_t counted = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t t = target[n];
+    TORCH_CHECK_INDEX(t == kIgnoreIndex || (t >= 0 && t < C), "lenet_fast ext: target[", n, "] = ", t,
+                      " is not a class index in [0, ", C, ") nor the ignored index ", kIgnoreIndex);
+    counted += t != kIgnoreIndex;
+  }
   acc_t total = 0;
-  const T inv_n = T(1) / static_cast<T>(N);
+  const T inv_n = T(1) / static_cast<T>(counted);
   for (int64_t n = 0; n < N; ++n) {
     const T* zr = z + n * C;
     T* dr = dz + n * C;
     const int64_t t = target[n];
-    TORCH_CHECK_INDEX(t >= 0 && t < C, "lenet_fast ext: target[", n, "] = ", t, " is not a class index in [0, ", C, ")");
+    if (t == kIgnoreIndex) {
+      for (int64_t c = 0; c < C; ++c) dr[c] = T(0);
+      continue;
+    }
     T m = zr[0];
     for (int64_t c = 1; c < C; ++c) m = (zr[c] > m || std::isnan(zr[c])) ? zr[c] : m;  // NaN wins, as in stock
     acc_t s = 0;
@@ -51,18 +66,20 @@ T softmax_cross_entropy_cpu(const T* z, const int64_t* target, T* dz, int64_t N,
     for (int64_t c = 0; c < C; ++c) dr[c] *= scale;
     dr[t] -= inv_n;
   }
-  return static_cast<T>(total / static_cast<acc_t>(N));  // N == 0: NaN, as stock's mean of nothing
+  return static_cast<T>(total / static_cast<acc_t>(counted));  // nothing counted: 0 / 0 = NaN, as stock
 }
 
 // (loss, dlogits); CUDA tensors go through ATen's log_softmax / nll_loss.
 std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy(const at::Tensor& logits, const at::Tensor& target) {
   const int64_t N = logits.size(0), C = logits.size(1);
   if (!logits.is_cpu()) {
-    // No host sync (a CUDA graph can capture it): nll_loss checks target on the device.
+    // No host sync (a CUDA graph can capture it): nll_loss checks target on the device and
+    // skips kIgnoreIndex rows (its default ignore_index); their gradient rows are zeroed.
     const at::Tensor logp = at::log_softmax(logits, 1);
-    const at::Tensor loss = at::nll_loss(logp, target);
-    const at::Tensor one_hot = at::zeros_like(logits).scatter_(1, target.unsqueeze(1), 1.0);
-    return {loss, logp.exp().sub_(one_hot).div_(static_cast<double>(N))};
+    const at::Tensor loss = at::nll_loss(logp, target, {}, at::Reduction::Mean, kIgnoreIndex);
+    const at::Tensor counted = target.ne(kIgnoreIndex);
+    const at::Tensor one_hot = at::zeros_like(logits).scatter_(1, target.clamp_min(0).unsqueeze(1), 1.0);
+    return {loss, logp.exp().sub_(one_hot).mul_(counted.unsqueeze(1)).div_(counted.sum().clamp_min(1))};
   }
   at::Tensor loss = at::empty({}, logits.options());
   at::Tensor dz = at::empty_like(logits);

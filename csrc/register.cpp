@@ -27,16 +27,18 @@ inline at::Tensor grad_or_undef(bool wanted, const at::Tensor& t) { return wante
 
 inline bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// The backward ops have no autograd kernel of their own.  Called as they are during a
-// plain backward() (grad mode off), they skip the Autograd key: otherwise the dispatcher
-// sends them through torch's boxed "autograd not implemented" fallback, which packs every
-// argument into a stack and unpacks it again only to find nothing to record.  Under
-// create_graph=True they still go through it, unchanged: double backward through these
-// ops is NOT supported, and torch's fallback then only warns ("an autograd kernel was
-// not registered") and treats them as constants (a known gap).
+// The backward ops have no autograd kernel of their own, so double backward is not
+// supported: a backward run with create_graph=True (grad mode on inside it) raises
+// NotImplementedError here, instead of torch's autograd fallback, which would only warn
+// and treat the backward ops as constants, giving wrong second derivatives.  In a plain
+// backward() (grad mode off) they skip the Autograd key: otherwise the dispatcher sends
+// them through that boxed fallback, which packs every argument into a stack and unpacks
+// it again only to find nothing to record.
 template <typename Op, typename... Args>
 auto call_backward_op(const Op& op, Args&&... args) {
-  if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
+  TORCH_CHECK_NOT_IMPLEMENTED(!at::GradMode::is_enabled(), "lenet_fast: double backward (a backward with ",
+                              "create_graph=True, e.g. for a gradient penalty or a Hessian) is not supported by ",
+                              op.schema().name(), "; use backend=\"torch\" for that computation");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(std::forward<Args>(args)...);
 }

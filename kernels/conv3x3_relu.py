@@ -10,6 +10,9 @@ two more GEMMs on tl.dot:
 
 where gm is grad_out zeroed where out <= 0 (torch's ReLU backward, from the
 saved output).  grad_bias is the row sum of gm, taken in the weight kernel.
+The inner sum of grad_input runs over the output pixels that exist (as stock's
+dense formula does): a tap whose output pixel lies outside the image adds
+nothing, not 0 * W, which a NaN or inf weight would turn into NaN.
 """
 
 import torch
@@ -136,7 +139,8 @@ def conv3x3_relu_bwd_input_kernel(
             offs = src[None, :] + (co * (OH * OW))[:, None]
             m = valid_co[:, None] & valid[None, :]
             gm = relu_grad(tl.load(grad_ptr + offs, mask=m, other=0.0), tl.load(out_ptr + offs, mask=m, other=0.0))
-            acc = tl.dot(wt, gm, acc, input_precision=PRECISION)
+            # A pixel the tap does not reach keeps its sum: no 0 * W off the image (module docstring).
+            acc = tl.where(valid[None, :], tl.dot(wt, gm, acc, input_precision=PRECISION), acc)
 
     gx_offs = (n * C_in * (H * W) + r)[None, :] + (ci * (H * W))[:, None]
     tl.store(gx_ptr + gx_offs, acc, mask=valid_ci[:, None] & valid_p[None, :])

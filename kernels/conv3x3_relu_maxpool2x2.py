@@ -158,9 +158,13 @@ def conv3x3_relu_maxpool2x2_bwd_input_kernel(
     acc = tl.zeros((BLOCK_CI, BLOCK_P), dtype=tl.float32)
     for tap in tl.static_range(9):
         # Only convolution outputs inside a pooling window (rows < 2*PH,
-        # cols < 2*PW) can carry gradient; floor mode drops the rest.
+        # cols < 2*PW) can carry gradient; floor mode drops the rest.  But every
+        # output pixel that exists (rows < H + 2*PAD - 2) takes part in stock's
+        # dense sum, so only taps off the image add nothing: not 0 * W, which a
+        # NaN or inf weight would turn into NaN.
         oh = ih - tap // 3 + PAD
         ow = iw - tap % 3 + PAD
+        on_image = valid_p & (oh >= 0) & (oh < H + 2 * PAD - 2) & (ow >= 0) & (ow < W + 2 * PAD - 2)
         valid = valid_p & (oh >= 0) & (oh < 2 * PH) & (ow >= 0) & (ow < 2 * PW)
         oh = tl.where(valid, oh, 0)  # keeps // below on non-negative values
         ow = tl.where(valid, ow, 0)
@@ -168,6 +172,7 @@ def conv3x3_relu_maxpool2x2_bwd_input_kernel(
         pw = ow // 2
         window = pooled_img + ph * PW + pw
         pos = (oh - 2 * ph) * 2 + (ow - 2 * pw)
+        tap_acc = tl.zeros((BLOCK_CI, BLOCK_P), dtype=tl.float32)
         for co0 in range(0, C_out, BLOCK_CO):
             co = co0 + tl.arange(0, BLOCK_CO)
             valid_co = co < C_out
@@ -179,7 +184,10 @@ def conv3x3_relu_maxpool2x2_bwd_input_kernel(
             winner = tl.load(idx_ptr + offs, mask=m, other=-1).to(tl.int32)
             gm = relu_grad(tl.load(grad_ptr + offs, mask=m, other=0.0), tl.load(out_ptr + offs, mask=m, other=0.0))
             gconv = tl.where(winner == pos[None, :], gm, 0.0)
-            acc = tl.dot(wt, gconv, acc, input_precision=PRECISION)
+            tap_acc = tl.dot(wt, gconv, tap_acc, input_precision=PRECISION)
+        # A tap's own sum, masked once (conv3x3_relu's kernel masks inside the loop
+        # instead: each form is the one that compiles without spills there).
+        acc += tl.where(on_image[None, :], tap_acc, 0.0)
 
     gx_offs = (n * C_in * (H * W) + r)[None, :] + (ci * (H * W))[:, None]
     tl.store(gx_ptr + gx_offs, acc, mask=valid_ci[:, None] & valid_p[None, :])

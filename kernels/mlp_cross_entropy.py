@@ -2,6 +2,10 @@
 
     loss = mean_n (logsumexp(z[n]) - z[n, t[n]])        dz = (softmax(z) - onehot(t)) / N
 
+over the rows whose target is not IGNORE_INDEX (-100, stock cross_entropy's
+ignore_index): such a row adds nothing to the loss or the gradient, and N counts
+the other rows (none: NaN loss, zero gradient, as in stock).
+
 The loss of the classifier head `mlp_cross_entropy`, whose layers are
 kernels/linear.py's.  One program per block of rows: each row's max, exp, sum and
 log stay in registers, and the row losses and dz are written in the same pass, so
@@ -9,7 +13,7 @@ the backward is dz times the loss's gradient (no second read of the logits, no
 separate log_softmax / nll_loss and their two backward kernels).  The mean is
 taken afterwards over the row losses in a fixed order (deterministic).
 
-A target outside [0, C) makes that row's loss and gradient NaN: the kernel cannot
+Any other target outside [0, C) makes that row's loss and gradient NaN: the kernel cannot
 raise, and a NaN loss cannot go unnoticed (stock PyTorch fails a device assert on
 CUDA).  The launch wrapper raises IndexError instead, as stock does, when the
 tensors are on the CPU (the interpreter), where checking costs no device
@@ -22,11 +26,14 @@ import triton.language as tl
 
 from ._common import NUM_WARPS, launch, pow2_clamp
 
+IGNORE_INDEX = -100
+
 
 @triton.jit
-def softmax_cross_entropy_kernel(z_ptr, t_ptr, row_loss_ptr, dz_ptr, N, C, inv_n,
-                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program i: rows [i * BLOCK_R, (i + 1) * BLOCK_R), all C columns (C <= BLOCK_C)."""
+def softmax_cross_entropy_kernel(z_ptr, t_ptr, row_loss_ptr, dz_ptr, counted_ptr, N, C,
+                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IGNORE: tl.constexpr):
+    """Program i: rows [i * BLOCK_R, (i + 1) * BLOCK_R), all C columns (C <= BLOCK_C).
+    counted_ptr: the number of rows not ignored (a device scalar: no host sync to read it)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     valid_r = rows < N
@@ -41,11 +48,14 @@ def softmax_cross_entropy_kernel(z_ptr, t_ptr, row_loss_ptr, dz_ptr, N, C, inv_n
     e = tl.exp(z - m[:, None])                       # padding columns: exp(-inf) = 0
     s = tl.where(valid_r, tl.sum(e, axis=1), 1.0)
     is_target = cols[None, :] == t[:, None]
+    ignored = t == IGNORE
     target_ok = (t >= 0) & (t < C)
     z_t = tl.where(target_ok, tl.sum(tl.where(is_target, z, 0.0), axis=1), float("nan"))
-    tl.store(row_loss_ptr + rows, m + tl.log(s) - z_t, mask=valid_r)
+    tl.store(row_loss_ptr + rows, tl.where(ignored, 0.0, m + tl.log(s) - z_t), mask=valid_r)
+    inv_n = 1.0 / tl.maximum(tl.load(counted_ptr), 1.0)  # nothing counted: every row is ignored
     dz = (e / s[:, None] - is_target.to(tl.float32)) * inv_n
     dz = tl.where(target_ok[:, None], dz, float("nan"))
+    dz = tl.where(ignored[:, None], 0.0, dz)
     tl.store(dz_ptr + rows[:, None] * C + cols[None, :], dz, mask=mask)
 
 
@@ -70,13 +80,16 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tuple[t
     N, C = logits.shape
     if C > 1 << 14:
         raise ValueError(f"softmax_cross_entropy holds a row in one block: at most {1 << 14} classes, got {C}")
-    if not logits.is_cuda and N > 0 and bool(((target < 0) | (target >= C)).any()):
-        bad = target[(target < 0) | (target >= C)][0].item()
-        raise IndexError(f"target holds class index {bad}, outside [0, {C}) for logits of shape {tuple(logits.shape)}")
+    bad_rows = ((target < 0) | (target >= C)) & (target != IGNORE_INDEX)
+    if not logits.is_cuda and N > 0 and bool(bad_rows.any()):
+        bad = target[bad_rows][0].item()
+        raise IndexError(f"target holds class index {bad}, outside [0, {C}) for logits of shape "
+                         f"{tuple(logits.shape)} (and not the ignored index {IGNORE_INDEX})")
     row_loss = torch.empty((N,), device=logits.device, dtype=logits.dtype)
     dz = torch.empty_like(logits)
+    counted = (target != IGNORE_INDEX).sum().to(logits.dtype)
     if N > 0:
         cfg = softmax_cross_entropy_config(N, C, logits.is_cuda)
         launch(softmax_cross_entropy_kernel, (triton.cdiv(N, cfg["BLOCK_R"]),),
-               logits, target, row_loss, dz, N, C, 1.0 / N, **cfg)
-    return row_loss.sum() / N, dz  # N == 0: 0 / 0 = NaN, as stock's mean over nothing
+               logits, target, row_loss, dz, counted, N, C, IGNORE=IGNORE_INDEX, **cfg)
+    return row_loss.sum() / counted, dz  # nothing counted: 0 / 0 = NaN, as stock's mean over nothing

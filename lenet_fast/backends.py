@@ -116,8 +116,9 @@ def get_backend(name: str) -> Backend:
 def resolve(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The concrete backend name that `name` means for tensors on `device` of `dtype`.
 
-    Raises ValueError for an unknown name and BackendUnavailableError when the
-    backend cannot run on that device here (the message says why).
+    Raises ValueError for an unknown name, BackendUnavailableError when the backend
+    cannot run on that device here (the message says why), and TypeError when a backend
+    named explicitly does not take `dtype` (the message names the dtypes it takes).
     """
     device_type = torch.device(device).type
     if name == "auto":
@@ -134,6 +135,10 @@ def resolve(name: str, device: torch.device | str, dtype: torch.dtype | None = N
     why = backend.unavailable_reason(device_type)
     if why is not None:
         raise BackendUnavailableError(why)
+    if dtype is not None and dtype not in backend.dtypes:
+        supported = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
+        raise TypeError(f"the {name} backend supports {supported} tensors, got {str(dtype).replace('torch.', '')}; "
+                        f"convert the tensors or use backend='auto'")
     return name
 
 

@@ -117,6 +117,8 @@ def _check_linear_args(x, weight, bias) -> None:
 
 
 def _check_pool_input(name: str, shape: tuple[int, ...], what: str) -> None:
+    if shape[1] == 0:  # as stock max_pool2d, which refuses a 4-D input without channels
+        raise ValueError(f"{name} {what} {tuple(shape)} has no channels; max-pooling needs at least one")
     if shape[-2] < 2 or shape[-1] < 2:
         raise ValueError(f"{name} {what} {tuple(shape)} is smaller than the 2x2 pooling window")
 
@@ -135,7 +137,7 @@ def conv3x3_relu(x, weight, bias=None, *, padding: int = 0, backend: str = "auto
 def maxpool2x2(x, *, backend: str = "auto") -> torch.Tensor:
     """max_pool2d(x, 2): 2x2 window, stride 2, floor mode; NaN wins, first maximum wins ties."""
     if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4
-            and x.shape[2] >= 2 and x.shape[3] >= 2):
+            and x.shape[1] > 0 and x.shape[2] >= 2 and x.shape[3] >= 2):
         _check_tensor("x", x, 4)
         _check_pool_input("x", tuple(x.shape), "of shape")
     return _impl(backend, x).maxpool2x2(x)
@@ -158,7 +160,8 @@ def linear(x, weight, bias=None, *, relu: bool = False, backend: str = "auto") -
     if x.dim() == 2:
         return impl.linear(x, weight, bias, bool(relu))
     out_features, in_features = weight.shape
-    y = impl.linear(x.reshape(-1, in_features), weight, bias, bool(relu))
+    # The row count spelled out: reshape(-1, 0) of an empty x is ambiguous (in_features 0).
+    y = impl.linear(x.reshape(math.prod(x.shape[:-1]), in_features), weight, bias, bool(relu))
     return y.reshape(*x.shape[:-1], out_features)
 
 

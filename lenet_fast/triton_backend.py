@@ -47,7 +47,6 @@ from .kernels.linear import linear_backward_input, linear_backward_params, linea
 from .kernels.maxpool2x2 import maxpool2x2_backward, maxpool2x2_forward
 from .kernels.mlp_cross_entropy import softmax_cross_entropy
 
-DTYPES = (torch.float32,)
 
 # The op bodies below stay one line each: a triton_op body is also run on fake
 # tensors to infer output shapes, so all of its logic lives in the launch
@@ -69,7 +68,19 @@ def _backward(op, launch_wrapper, grad: torch.Tensor, *args):
     """
     eager = (type(grad) is torch.Tensor and _get_current_dispatch_mode() is None
              and not torch._C._are_functorch_transforms_active())
+    if eager:
+        _refuse_double_backward(op)
     return (launch_wrapper if eager else op)(grad, *args)
+
+
+def _refuse_double_backward(op) -> None:
+    """NotImplementedError in a backward run with create_graph=True (grad mode is on inside
+    it): the backward kernels record no graph, so a second derivative would be wrong."""
+    if torch.is_grad_enabled():
+        op = op if isinstance(op, str) else f"lenet_fast::{op._name}"
+        raise NotImplementedError(
+            f"lenet_fast: double backward (a backward with create_graph=True, e.g. for a gradient penalty or a "
+            f"Hessian) is not supported by {op}; use backend=\"torch\" for that computation")
 
 
 # --------------------------------------------------------------------------- conv3x3 + bias + ReLU
@@ -246,6 +257,7 @@ def _softmax_cross_entropy_setup(ctx, inputs, output):
 
 
 def _softmax_cross_entropy_bwd(ctx, grad_loss, _grad_dlogits):
+    _refuse_double_backward("lenet_fast::triton_softmax_cross_entropy")
     (dlogits,) = ctx.saved_tensors
     return (None if grad_loss is None else dlogits * grad_loss), None
 
@@ -257,38 +269,26 @@ register_autograd("lenet_fast::triton_softmax_cross_entropy", _softmax_cross_ent
 # --------------------------------------------------------------------------- the backend API (see lenet_fast.backends)
 
 
-def _check_dtype(x: torch.Tensor) -> None:
-    # The registry advertises float32 only, but an explicit backend="triton"
-    # bypasses its dtype filter; fail with a reason rather than in a kernel.
-    if x.dtype not in DTYPES:
-        raise TypeError(f"the triton backend supports float32 tensors only, got {x.dtype} (shape {tuple(x.shape)})")
-
-
 def conv3x3_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: int) -> torch.Tensor:
-    _check_dtype(x)
     return _conv3x3_relu(x, weight, bias, padding)
 
 
 def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
-    _check_dtype(x)
     return _maxpool2x2(x)[0]
 
 
 def conv3x3_relu_maxpool2x2(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             padding: int) -> torch.Tensor:
-    _check_dtype(x)
     return _conv3x3_relu_maxpool2x2(x, weight, bias, padding)[0]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    _check_dtype(x)
     return _linear(x, weight, bias, relu)
 
 
 def mlp_cross_entropy(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
                       target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # The linear kernels layer by layer, then the one-pass loss kernel.
-    _check_dtype(x)
     x = torch.flatten(x, 1)  # (N, *) -> (N, features); x itself when already 2-D
     for weight, bias in zip(weights[:-1], biases[:-1]):
         x = _linear(x, weight, bias, True)

@@ -546,16 +546,15 @@ Resource usage:
     assert row["kernel"].endswith("conv_fwd_kernel")
 
 
-def test_create_graph_keeps_torch_autograd_fallback():
-    """Double backward is not supported: under create_graph=True the backward ops must still
-    reach torch's not-implemented fallback (which warns), not the below-autograd fast path
-    a plain backward() takes (with it, the gradient would silently not require grad)."""
+def test_create_graph_is_refused_not_the_fast_path():
+    """Double backward is not supported: under create_graph=True the backward ops raise
+    (tests/test_edge_semantics.py checks every op and backend), instead of the
+    below-autograd fast path a plain backward() takes, with which the gradient would
+    silently not require grad."""
     x = torch.randn(2, 1, 6, 6, requires_grad=True)
     w = torch.randn(3, 1, 3, 3, requires_grad=True)
-    (gx,) = torch.autograd.grad(E.conv3x3_relu_maxpool2x2(x, w, None, 0).sum(), x, create_graph=True)
-    assert gx.requires_grad
-    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
-        gx.sum().backward()
+    with pytest.raises(NotImplementedError, match="ext_conv3x3_relu_maxpool2x2_backward"):
+        torch.autograd.grad(E.conv3x3_relu_maxpool2x2(x, w, None, 0).sum(), x, create_graph=True)
 
 
 # --- run_backward: loss.backward() started from C++ ---------------------------------------

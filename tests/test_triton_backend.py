@@ -350,24 +350,28 @@ def test_lenet_training_step_matches_torch():
 
 
 def test_softmax_cross_entropy_kernel_blocks_and_bad_targets():
-    """Several programs of 16 rows (as on a GPU), and a target outside [0, C) turning
-    only its own row's loss and gradient into NaN (the wrapper raises before that on
-    the CPU; on a GPU this NaN is what flags it)."""
-    from lenet_fast.kernels.mlp_cross_entropy import softmax_cross_entropy_kernel
+    """Several programs of 16 rows (as on a GPU), a target outside [0, C) turning only its
+    own row's loss and gradient into NaN (the wrapper raises before that on the CPU; on
+    a GPU this NaN is what flags it), and an ignored row (-100) adding nothing; the
+    gradient is divided by the count of rows not ignored, read from the device."""
+    from lenet_fast.kernels.mlp_cross_entropy import IGNORE_INDEX, softmax_cross_entropy_kernel
 
     z = randn(40, 10, seed=8) * 3
     t = torch.randint(0, 10, (40,), generator=torch.Generator().manual_seed(9)).to(DEVICE)
-    t[17], t[33] = 10, -1
+    t[17], t[33], t[5] = 10, -1, IGNORE_INDEX
     row_loss, dz = torch.empty(40, device=DEVICE), torch.empty_like(z)
-    _common.launch(softmax_cross_entropy_kernel, (3,), z, t, row_loss, dz, 40, 10, 1.0 / 40,
-                   BLOCK_R=16, BLOCK_C=16, num_warps=4)
+    counted = torch.tensor(39.0, device=DEVICE)
+    _common.launch(softmax_cross_entropy_kernel, (3,), z, t, row_loss, dz, counted, 40, 10,
+                   BLOCK_R=16, BLOCK_C=16, IGNORE=IGNORE_INDEX, num_warps=4)
     bad = torch.zeros(40, dtype=torch.bool, device=DEVICE)
     bad[17] = bad[33] = True
     assert row_loss[bad].isnan().all() and dz[bad].isnan().all()
+    assert row_loss[5] == 0 and (dz[5] == 0).all()
     good = ~bad
+    good[5] = False
     ref = F.cross_entropy(z[good].double(), t[good], reduction="none")
     assert_close_to_scale(row_loss[good], ref, "row losses")
-    ref_dz = (torch.softmax(z[good].double(), 1) - F.one_hot(t[good], 10).double()) / 40
+    ref_dz = (torch.softmax(z[good].double(), 1) - F.one_hot(t[good], 10).double()) / 39
     assert_close_to_scale(dz[good], ref_dz, "d loss / d logits")
 
 
