@@ -8,11 +8,11 @@ import importlib.metadata
 import os
 import platform
 import sys
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 import torch
 
-from . import __version__, backends, checkpoint
+from . import __version__, backends, checkpoint, data
 from .data import DATASETS
 
 
@@ -20,23 +20,55 @@ class UsageError(Exception):
     """A problem the user can fix (bad option, missing GPU, missing data): exit 2, no traceback."""
 
 
+# The problems the tools report as one line and exit 2.
+ERRORS = (UsageError, data.DatasetError, checkpoint.CheckpointError, checkpoint.OutputError)
+
+
 def fail(prog: str, message: str) -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def add_runtime_options(parser: argparse.ArgumentParser, *, default_device="auto", default_backend="auto") -> None:
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default_device,
-                        help="where to run (auto: cuda when available, else cpu)")
+def config_value(key: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type for the config entry `key`: `parse` the text, then check it against the
+    rule a checkpoint's stored config is checked against (checkpoint.CONFIG_RULES)."""
+    check, what = checkpoint.CONFIG_RULES[key]
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return convert
+
+
+def path_value(text: str) -> str:
+    """An argparse type for paths: an empty one would silently mean the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def add_runtime_options(parser: argparse.ArgumentParser, *, default_device: str | None = "auto",
+                        default_backend: str | None = "auto") -> None:
+    """--device and --backend; a default of None means "not given" (lenet_fast.train then takes
+    them from a checkpoint it resumes, else auto)."""
+    parser.add_argument("--device", choices=checkpoint.DEVICES, default=default_device,
+                        help=f"where to run (auto: cuda when available, else cpu; default {default_device or 'auto'})")
     parser.add_argument("--backend", choices=backends.backend_names(), default=default_backend,
-                        help="op implementation (auto: the best one available for the device)")
+                        help="op implementation (auto: the best one available for the device; "
+                             f"default {default_backend or 'auto'})")
 
 
 def add_data_options(parser: argparse.ArgumentParser, *, with_dataset=True) -> None:
     if with_dataset:
         parser.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                             help="MNIST-format dataset (default: mnist)")
-    parser.add_argument("--data-dir", default=None,
+    parser.add_argument("--data-dir", type=path_value, default=None,
                         help="torchvision data root (default: $LENET_FAST_DATA, else ~/.cache/lenet_fast)")
     parser.add_argument("--no-download", action="store_true", default=None,
                         help="never download; fail with instructions when the files are missing")

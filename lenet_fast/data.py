@@ -8,9 +8,12 @@ workers.  For LeNet on MNIST the whole training set is 47 MB as float32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import socket
 import struct
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +31,9 @@ SPLIT_FILES = {
 }
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
+# Seconds a download may wait for the server at each step (connect, each read): a network
+# that never answers then fails with the offline instructions instead of hanging.
+DOWNLOAD_TIMEOUT = 30.0
 
 
 class DatasetError(RuntimeError):
@@ -72,14 +78,19 @@ def check_idx_file(path: Path, ndim: int) -> tuple[int, ...]:
     A truncated download or a wrong file then fails here with the file named,
     instead of deep inside a reshape.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        header = f.read(4)
-        if len(header) < 4 or header[:3] != b"\x00\x00\x08":
-            raise DatasetCorruptError(f"{path} is not an IDX file of unsigned bytes (bad magic number {header!r}).")
-        if header[3] != ndim:
-            raise DatasetCorruptError(f"{path} has {header[3]} dimensions, expected {ndim}.")
-        raw_dims = f.read(4 * ndim)
+    if not path.is_file():
+        raise DatasetCorruptError(f"{path} is not a file (a folder?); it should be an IDX file of the dataset.")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = f.read(4)
+            if len(header) < 4 or header[:3] != b"\x00\x00\x08":
+                raise DatasetCorruptError(f"{path} is not an IDX file of unsigned bytes (bad magic number {header!r}).")
+            if header[3] != ndim:
+                raise DatasetCorruptError(f"{path} has {header[3]} dimensions, expected {ndim}.")
+            raw_dims = f.read(4 * ndim)
+    except OSError as exc:
+        raise DatasetCorruptError(f"{path} cannot be read: {exc.strerror or exc}.") from None
     if len(raw_dims) < 4 * ndim:
         raise DatasetCorruptError(f"{path} is truncated inside its header ({size} bytes).")
     dims = struct.unpack(f">{ndim}I", raw_dims)
@@ -90,6 +101,60 @@ def check_idx_file(path: Path, ndim: int) -> tuple[int, ...]:
             f"but the file has {size}. Delete it and download it again."
         )
     return dims
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """Sockets opened inside (torchvision downloads through urllib, which has no timeout of its
+    own) give up after `seconds` of silence; the process's default is restored after."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """What went wrong underneath urllib's URLError (a timeout, a refused connection...)."""
+    reason = getattr(exc, "reason", None)
+    return reason if isinstance(reason, BaseException) else exc
+
+
+def fetch(name: str, root: str | os.PathLike) -> None:
+    """Fetch the dataset's missing files from torchvision's mirrors into its raw folder,
+    saying what comes from where; raises DatasetNotFoundError with the offline instructions.
+
+    The same files, mirrors and checksums as torchvision's own download, but a mirror that
+    does not answer within DOWNLOAD_TIMEOUT ends the download: the next would wait as long."""
+    import urllib.error
+
+    import torchvision.datasets
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    root = Path(root).expanduser()
+    cls = getattr(torchvision.datasets, DATASETS[name][0])
+    folder = raw_folder(name, root)
+    for filename, md5 in cls.resources:
+        if (folder / filename.removesuffix(".gz")).is_file():
+            continue
+        errors = []
+        for mirror in cls.mirrors:
+            url = f"{mirror}{filename}"
+            print(f"lenet_fast: downloading {url} into {folder} (timeout {DOWNLOAD_TIMEOUT:g} s)",
+                  file=sys.stderr, flush=True)
+            try:
+                with _socket_timeout(DOWNLOAD_TIMEOUT):
+                    download_and_extract_archive(url, download_root=str(folder), filename=filename, md5=md5)
+                break
+            except (urllib.error.URLError, OSError, RuntimeError) as exc:
+                cause = _cause(exc)
+                errors.append(f"{url}: {type(cause).__name__}: {' '.join(str(cause).split())}")
+                if isinstance(cause, TimeoutError):
+                    raise DatasetNotFoundError(_not_found_message(
+                        name, root, f"the download got no answer within {DOWNLOAD_TIMEOUT:g} s: {errors[-1]}")) from None
+        else:
+            raise DatasetNotFoundError(_not_found_message(name, root, f"the download failed: {'; '.join(errors)}"))
 
 
 def load_split(name: str, root: str | os.PathLike, *, train: bool, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,12 +169,7 @@ def load_split(name: str, root: str | os.PathLike, *, train: bool, download: boo
     if not (images_path.exists() and labels_path.exists()):
         if not download:
             raise DatasetNotFoundError(_not_found_message(name, root, "downloading is off (--no-download)"))
-        try:
-            cls(str(root), train=train, download=True)
-        except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... when offline
-            raise DatasetNotFoundError(
-                _not_found_message(name, root, f"the download failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
-            ) from exc
+        fetch(name, root)
     image_dims = check_idx_file(images_path, 3)
     label_dims = check_idx_file(labels_path, 1)
     if image_dims[1:] != (IMAGE_SIZE, IMAGE_SIZE) or image_dims[0] != label_dims[0]:
@@ -117,10 +177,13 @@ def load_split(name: str, root: str | os.PathLike, *, train: bool, download: boo
             f"{images_path} holds images of shape {image_dims} but {labels_path} holds {label_dims[0]} labels; "
             f"expected N images of 28x28 and N labels."
         )
+    if image_dims[0] == 0:
+        raise DatasetCorruptError(f"{images_path} holds no images (its header says {image_dims}).")
     try:
         dataset = cls(str(root), train=train, download=False)
     except Exception as exc:
-        raise DatasetCorruptError(f"torchvision could not read {name} from {root}: {exc}") from exc
+        raise DatasetCorruptError(
+            f"torchvision could not read {images_path} and {labels_path}: {type(exc).__name__}: {exc}") from exc
     images, labels = dataset.data, dataset.targets.long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise DatasetCorruptError(f"{labels_path} has labels outside 0..{NUM_CLASSES - 1}.")

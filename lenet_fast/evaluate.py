@@ -19,12 +19,25 @@ PROG = "lenet_fast.evaluate"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Test accuracy, per-class accuracy and confusion matrix.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by lenet_fast.train")
+    p.add_argument("--checkpoint", type=cli.path_value, required=True, help="checkpoint.pt written by lenet_fast.train")
     cli.add_runtime_options(p)
     cli.add_data_options(p)
-    p.add_argument("--confusion", default=None,
-                   help="confusion-matrix PNG path (default: confusion.png beside the checkpoint)")
+    p.add_argument("--confusion", type=cli.path_value, default=None,
+                   help="confusion-matrix image: .png, or another format matplotlib writes (.pdf, .svg...) "
+                        "(default: confusion.png beside the checkpoint)")
     return p
+
+
+def check_confusion_path(path: Path) -> None:
+    """Fail before the evaluation, not after it, if the confusion matrix cannot be saved there."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in formats:
+        named = f"format {fmt!r}" if fmt else "no extension"
+        raise cli.UsageError(f"--confusion {path}: {named}; name the image .png (or {', '.join(sorted(formats))})")
+    checkpoint.check_output_file(path, "--confusion")
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int = data.NUM_CLASSES) -> torch.Tensor:
@@ -51,19 +64,21 @@ def plot_confusion(matrix: torch.Tensor, title: str, path: Path) -> None:
                     color="white" if value > threshold else "black")
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    checkpoint.write_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = Path(args.confusion) if args.confusion else Path(args.checkpoint).with_name("confusion.png")
     try:
         model, state, device, backend = cli.load_checkpoint_model(args)
+        check_confusion_path(out)
         dataset = args.dataset or state["config"].get("dataset", "mnist")
-        root = args.data_dir or state["config"].get("data_dir") or data.default_data_dir()
+        # Never a path read from the checkpoint: the file does not decide where data is downloaded.
+        root = args.data_dir or data.default_data_dir()
         images, labels = data.load_split(dataset, root, train=False, download=not args.no_download)
-    except (cli.UsageError, data.DatasetError, checkpoint.CheckpointError) as exc:
+    except cli.ERRORS as exc:
         cli.fail(PROG, str(exc))
     test_set = data.to_device(dataset, images, labels, device)
     loss, accuracy, predictions = evaluate(model, test_set)
@@ -73,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     per_class = matrix.diag().double() / matrix.sum(1).clamp(min=1).double()
     for cls, (acc, count) in enumerate(zip(per_class.tolist(), matrix.sum(1).tolist())):
         print(f"  class {cls}: {100 * acc:6.2f}%  ({count} images)")
-    out = Path(args.confusion) if args.confusion else Path(args.checkpoint).with_name("confusion.png")
     plot_confusion(matrix, f"{dataset}: accuracy {100 * accuracy:.2f}%", out)
     print(f"confusion matrix: {out}")
     return 0

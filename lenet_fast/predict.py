@@ -4,13 +4,15 @@ Images of any size and mode are turned into MNIST's format: 28x28 grayscale,
 white digit on black (`--invert` for dark ink on light paper).  An image that is
 already 28x28 is used as it is; any other is cropped to its ink, scaled so the
 longer side is 20 pixels and centred by its centre of mass in a 28x28 frame, as
-MNIST's own digits were prepared.
+MNIST's own digits were prepared.  A large image is decoded at a reduced size (see
+`to_mnist_format`); one beyond PIL's decompression-bomb limit is reported and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -18,22 +20,44 @@ import torch
 from . import checkpoint, cli, data
 
 PROG = "lenet_fast.predict"
+# Images are brought down to at most this many pixels on their longer side before any
+# conversion: the digit ends up 20 pixels tall, and float copies of a full-size photo
+# (a 13000x13000 scan) would take gigabytes.
+WORK_SIDE = 2048
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Classify digit images with a trained checkpoint.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by lenet_fast.train")
+    p.add_argument("--checkpoint", type=cli.path_value, required=True, help="checkpoint.pt written by lenet_fast.train")
     p.add_argument("--invert", action="store_true", help="the images are dark ink on a light background")
     cli.add_runtime_options(p, default_device="cpu")
     return p
+
+
+def _reduced_gray(image):
+    """`image` as grayscale with its longer side at most WORK_SIDE.
+
+    A JPEG is decoded at 1/2, 1/4 or 1/8 scale straight away (`draft`; it must not have
+    been loaded yet); any image still too large is reduced by an integer factor right
+    after decoding, before the conversions that copy it."""
+    factor = -(-max(image.size) // WORK_SIDE)
+    if factor > 1:
+        image.draft(None, (image.width // factor, image.height // factor))
+        factor = -(-max(image.size) // WORK_SIDE)
+    if factor > 1:
+        try:
+            image = image.reduce(factor)
+        except ValueError:  # modes reduce does not take (palette, 1-bit): convert first
+            image = image.convert("L").reduce(factor)
+    return image.convert("L")
 
 
 def to_mnist_format(image, *, invert: bool = False) -> np.ndarray:
     """A PIL image -> float32 array (28, 28) in [0, 1], white digit on black."""
     from PIL import Image, ImageOps
 
-    gray = ImageOps.exif_transpose(image).convert("L")
+    gray = ImageOps.exif_transpose(_reduced_gray(image))
     if invert:
         gray = ImageOps.invert(gray)
     if gray.size == (data.IMAGE_SIZE, data.IMAGE_SIZE):
@@ -58,21 +82,39 @@ def to_mnist_format(image, *, invert: bool = False) -> np.ndarray:
     return frame
 
 
+def read_digit(path: str, *, invert: bool = False) -> np.ndarray:
+    """The image file at `path` in MNIST's format (see `to_mnist_format`).
+
+    Raises OSError, ValueError (PIL's UnidentifiedImageError is an OSError) or PIL's
+    DecompressionBombError for a file that cannot or should not be read."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Between PIL's limit and twice it, PIL only warns; such an image is decoded at
+        # reduced size here, so the warning would only alarm.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return to_mnist_format(image, invert=invert)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     args = build_parser().parse_args(argv)
     try:
         model, state, device, _ = cli.load_checkpoint_model(args)
-    except (cli.UsageError, checkpoint.CheckpointError) as exc:
+    except cli.ERRORS as exc:
         cli.fail(PROG, str(exc))
     dataset = state["config"].get("dataset", "mnist")
     failures = 0
     for name in args.images:
         try:
-            with Image.open(name) as image:
-                pixels = to_mnist_format(image, invert=args.invert)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            pixels = read_digit(name, invert=args.invert)
+        except Image.DecompressionBombError as exc:
+            print(f"{name}: image too large, skipped ({exc})", file=sys.stderr)
+            failures += 1
+            continue
+        except (OSError, ValueError, MemoryError) as exc:
             print(f"{name}: cannot read image ({type(exc).__name__}: {exc})", file=sys.stderr)
             failures += 1
             continue

@@ -35,28 +35,49 @@ DEFAULTS = {
     "limit_train": None,
     "limit_test": None,
     "weight_decay": 5e-4,
+    "device": "auto",
+    "backend": "auto",
+    "cuda_graph": None,  # on for CUDA, off on the CPU (resolve_cuda_graph)
 }
 DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
-# Hyperparameters that a resumed run must keep, or it would not be the same run.
-FIXED_ON_RESUME = ("dataset", "batch_size", "lr", "optimizer", "seed", "limit_train", "weight_decay")
+# Hyperparameters that a resumed run must keep, or it would not be the same run.  The epochs
+# are among them: the learning rate is cosine-annealed over the run's steps, so another
+# count would restart the schedule somewhere else.
+FIXED_ON_RESUME = ("dataset", "epochs", "batch_size", "lr", "optimizer", "seed", "limit_train", "weight_decay")
+# What the options that may change on resume are called on the command line, to say so.
+RESUME_FLAGS = {"device": "--device", "backend": "--backend", "cuda_graph": "--no-cuda-graph"}
+
+
+class TrainingDiverged(Exception):
+    """The training loss became NaN or infinite; the message says where and what was kept."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Train the seed's LeNet on MNIST-format data.")
-    cli.add_runtime_options(p)
+    cli.add_runtime_options(p, default_device=None, default_backend=None)
     cli.add_data_options(p)
-    p.add_argument("--epochs", type=_positive_int, default=None, help=f"(default {DEFAULTS['epochs']})")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help=f"(default {DEFAULTS['batch_size']})")
-    p.add_argument("--lr", type=_positive_float, default=None,
+    p.add_argument("--epochs", type=cli.config_value("epochs", int), default=None,
+                   help=f"(default {DEFAULTS['epochs']}); a resumed run keeps its checkpoint's, since the "
+                        f"learning-rate schedule spans them: to train longer, start a new run")
+    p.add_argument("--batch-size", type=cli.config_value("batch_size", int), default=None,
+                   help=f"(default {DEFAULTS['batch_size']})")
+    p.add_argument("--lr", type=cli.config_value("lr", float), default=None,
                    help=f"peak learning rate, cosine-annealed to 0 (default sgd {DEFAULT_LR['sgd']}, adam {DEFAULT_LR['adam']})")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="(default sgd, Nesterov momentum 0.9); both fused")
-    p.add_argument("--weight-decay", type=float, default=None, help="L2 penalty (default 5e-4)")
-    p.add_argument("--seed", type=int, default=None, help=f"(default {DEFAULTS['seed']})")
-    p.add_argument("--limit-train", type=_positive_int, default=None, help="use only the first N training images")
-    p.add_argument("--limit-test", type=_positive_int, default=None,
+    p.add_argument("--optimizer", choices=sorted(checkpoint.OPTIMIZER_STATE), default=None,
+                   help="(default sgd, Nesterov momentum 0.9); both fused")
+    p.add_argument("--weight-decay", type=cli.config_value("weight_decay", float), default=None,
+                   help=f"L2 penalty, >= 0 (default {DEFAULTS['weight_decay']})")
+    p.add_argument("--seed", type=cli.config_value("seed", int), default=None,
+                   help=f"0 to {checkpoint.SEED_LIMIT - 1} (default {DEFAULTS['seed']})")
+    p.add_argument("--limit-train", type=cli.config_value("limit_train", int), default=None,
+                   help="use only the first N training images")
+    p.add_argument("--limit-test", type=cli.config_value("limit_test", int), default=None,
                    help="evaluate on the first N test images only (quick runs; the reported accuracy is then partial)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<date>-<time>)")
-    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from this checkpoint")
+    p.add_argument("--out", type=cli.path_value, default=None,
+                   help="output folder (default runs/<dataset>-<date>-<time>; when resuming, the checkpoint's folder)")
+    p.add_argument("--resume", type=cli.path_value, default=None, metavar="CHECKPOINT",
+                   help="continue from this checkpoint; options not given come from it (a changed --device, "
+                        "--backend or --cuda-graph is announced, changed hyperparameters are refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the training step (forward, backward, optimizer step) as CUDA graphs, one per "
@@ -65,38 +86,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def _as_option(key: str, value) -> str:
+    """A config entry as the command line spells it."""
+    if key == "cuda_graph":
+        return {None: "no --cuda-graph option", True: "--cuda-graph", False: "--no-cuda-graph"}[value]
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
 
 
 def make_config(args: argparse.Namespace, resumed: dict | None) -> dict:
-    """Options -> the run's config; a resumed run keeps its checkpoint's hyperparameters."""
+    """Options -> the run's config.
+
+    A resumed run takes every option not given from its checkpoint and keeps its
+    hyperparameters (FIXED_ON_RESUME); another --device, --backend or --cuda-graph is
+    allowed and said on stderr.  Paths are never read from a checkpoint: a resumed run
+    writes beside its checkpoint or to --out, and reads data from --data-dir or the default.
+    """
     given = {k: v for k, v in vars(args).items() if v is not None}
+    resume_path = given.pop("resume", None)
     config = dict(DEFAULTS)
     if resumed is not None:
-        config.update(resumed["config"])
-        for key in FIXED_ON_RESUME:
-            if key in given and given[key] != config[key]:
-                raise cli.UsageError(
-                    f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's {config[key]}; "
-                    f"a resumed run keeps its hyperparameters"
-                )
+        stored = {k: v for k, v in resumed["config"].items() if k in checkpoint.CONFIG_RULES}
+        config.update(stored)
+        for key, value in given.items():
+            if key not in stored or value == stored[key]:
+                continue
+            if key in FIXED_ON_RESUME:
+                why = (f" (its learning rate is cosine-annealed over its {stored[key]} epochs: for {value}, start a new run)"
+                       if key == "epochs" else "")
+                raise cli.UsageError(f"{_as_option(key, value)} differs from the checkpoint's {stored[key]}; "
+                                     f"a resumed run keeps its hyperparameters{why}")
+            print(f"{PROG}: resuming with {_as_option(key, value)}; the checkpoint's run had "
+                  f"{_as_option(key, stored[key])}", file=sys.stderr)
     config.update(given)
-    config.pop("resume", None)
     if config["lr"] is None:
         config["lr"] = DEFAULT_LR[config["optimizer"]]
     if config.get("out") is None:
-        config["out"] = str(Path("runs") / f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        config["out"] = str(Path(resume_path).parent if resume_path
+                            else Path("runs") / f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
     config["no_download"] = bool(config.get("no_download"))
     return config
 
@@ -154,10 +183,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    checkpoint.write_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def resolve_cuda_graph(option: bool | None, device: torch.device) -> bool:
@@ -172,20 +199,52 @@ def resolve_cuda_graph(option: bool | None, device: torch.device) -> bool:
     return option
 
 
+def resolve_runtime(config: dict, resumed: dict | None = None) -> tuple[torch.device, str, bool]:
+    """(device, backend, whether steps replay CUDA graphs) for the config, "auto" resolved.
+
+    An option a resumed run took from its checkpoint that cannot run here says so."""
+    key = "device"
+    try:
+        device = cli.resolve_device(config["device"])
+        key = "backend"
+        backend = cli.resolve_backend(config["backend"], device)
+        key = "cuda_graph"
+        return device, backend, resolve_cuda_graph(config.get("cuda_graph"), device)
+    except cli.UsageError as exc:
+        if resumed is not None and resumed["config"].get(key) == config.get(key):
+            raise cli.UsageError(f"{exc}; the resumed run took {_as_option(key, config.get(key))} from its "
+                                 f"checkpoint: give {RESUME_FLAGS[key]} to resume otherwise") from None
+        raise
+
+
 def train(config: dict, resumed: dict | None = None) -> dict:
-    """Run (or continue) training as configured; returns the metrics dict."""
+    """Run (or continue) training as configured; returns the metrics dict.
+
+    Everything that can be checked is checked before any training: options, device,
+    backend, output folder (created, writable, not used by another trainer), data."""
     cli.configure_determinism()
-    device = cli.resolve_device(config["device"])
-    backend = cli.resolve_backend(config["backend"], device)
-    out = Path(config["out"])
+    device, backend, cuda_graph = resolve_runtime(config, resumed)
+    if resumed is not None and config["backend"] == resumed["config"].get("backend"):
+        trained_with = resumed.get("backend")
+        if trained_with is not None and trained_with != backend:  # "auto" picks per machine
+            print(f"{PROG}: backend {config['backend']} is {backend} here; the checkpoint was trained with "
+                  f"{trained_with}", file=sys.stderr)
+    with checkpoint.RunFolder(config["out"]) as out:
+        return _train(config, resumed, device, backend, cuda_graph, out)
+
+
+def _train(config: dict, resumed: dict | None, device: torch.device, backend: str, cuda_graph: bool, out: Path) -> dict:
     data_dir = config.get("data_dir") or data.default_data_dir()
     train_set, test_set = data.load(config["dataset"], data_dir, device=device,
                                     download=not config["no_download"], limit_train=config["limit_train"],
                                     limit_test=config.get("limit_test"))
+    batch_size, epochs = config["batch_size"], config["epochs"]
+    steps_per_epoch = train_set.num_batches(batch_size)
+    if resumed is not None:
+        checkpoint.check_resume_position(resumed, steps_per_epoch)
 
     torch.manual_seed(config["seed"])
     model = LeNet(backend=backend).to(device)
-    cuda_graph = resolve_cuda_graph(config.get("cuda_graph"), device)
     optimizer = make_optimizer(model.parameters(), config["optimizer"], lr_holder(config["lr"], device, cuda_graph),
                                config["weight_decay"])
     history, start_epoch, start_step, partial = [], 0, 0, None
@@ -213,11 +272,9 @@ def train(config: dict, resumed: dict | None = None) -> dict:
         "test_accuracy": history[-1]["test_accuracy"] if history else None,
         "epochs": history,
     }
-    batch_size, epochs = config["batch_size"], config["epochs"]
     trainer = TrainingStep(model, optimizer, cuda_graph=cuda_graph,
                            batch_sizes=epoch_batch_sizes(len(train_set), batch_size))
 
-    steps_per_epoch = train_set.num_batches(batch_size)
     total_steps = steps_per_epoch * epochs
     print(f"{PROG}: {config['dataset']} ({len(train_set)} train / {len(test_set)} test) on {device} "
           f"[{metrics['device_name']}], backend {backend}{' + CUDA graphs' if cuda_graph else ''}, {epochs} epochs of {steps_per_epoch} steps -> {out}",
@@ -229,6 +286,16 @@ def train(config: dict, resumed: dict | None = None) -> dict:
             "backend": backend, "epoch": epoch, "step": step, "partial": part, "history": history,
             "rng_cpu": torch.get_rng_state(),
         }, out / "checkpoint.pt")
+
+    def diverged(epoch: int, step: int, what: str, value: float) -> TrainingDiverged:
+        """Record where the run diverged in metrics.json; the checkpoint on disk (if any) is the
+        last one saved with finite numbers, and stays."""
+        metrics["diverged"] = {"epoch": epoch + 1, "step": step, what: value}
+        checkpoint.write_json(metrics, out / "metrics.json")
+        kept = out / "checkpoint.pt"
+        kept = f"the last good checkpoint, {kept}, is kept" if kept.exists() else "no checkpoint was saved"
+        return TrainingDiverged(f"the {what.replace('_', ' ')} became {value} in epoch {epoch + 1} (by step {step}); "
+                                f"the learning rate ({config['lr']}) is probably too high. Training stopped; {kept}")
 
     from tqdm import tqdm
 
@@ -253,14 +320,22 @@ def train(config: dict, resumed: dict | None = None) -> dict:
                 correct += batch_correct
                 seen += y.shape[0]
                 bar.update(1)
+                # The loss is checked where the loop reads it back anyway (here and at the end of
+                # the epoch): a check per step would wait for the device at every step.
                 if not bar.disable and (step % 50 == 0 or step == steps_per_epoch):
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%")
+                    running_loss = loss_sum.item() / seen
+                    if not math.isfinite(running_loss):
+                        break
+                    bar.set_postfix(loss=f"{running_loss:.4f}", acc=f"{100 * correct.item() / seen:.2f}%")
                 if stop.requested and step < steps_per_epoch:
                     break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = part["seconds"] + time.perf_counter() - started
             bar.close()
+            train_loss = loss_sum.item() / seen
+            if not math.isfinite(train_loss):
+                raise diverged(epoch, step, "train_loss", train_loss)
             if stop.requested and step < steps_per_epoch:
                 save_checkpoint(epoch, step, {"loss_sum": loss_sum.item(), "correct": int(correct.item()),
                                               "seen": seen, "seconds": seconds})
@@ -269,9 +344,11 @@ def train(config: dict, resumed: dict | None = None) -> dict:
                 raise KeyboardInterrupt
             start_step = 0
             test_loss, test_accuracy, _ = evaluate(model, test_set)
+            if not math.isfinite(test_loss):  # the last step's update can break the weights
+                raise diverged(epoch, step, "test_loss", test_loss)
             history.append({
                 "epoch": epoch + 1,
-                "train_loss": loss_sum.item() / seen,
+                "train_loss": train_loss,
                 "train_accuracy": correct.item() / seen,
                 "test_loss": test_loss,
                 "test_accuracy": test_accuracy,
@@ -299,10 +376,10 @@ def train(config: dict, resumed: dict | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        resumed = checkpoint.load(args.resume) if args.resume else None
+        resumed = checkpoint.load(args.resume, resumable=True) if args.resume else None
         config = make_config(args, resumed)
         metrics = train(config, resumed)
-    except (cli.UsageError, data.DatasetError, checkpoint.CheckpointError) as exc:
+    except (*cli.ERRORS, TrainingDiverged) as exc:
         cli.fail(PROG, str(exc))
     except KeyboardInterrupt:
         return 130

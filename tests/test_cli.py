@@ -107,7 +107,7 @@ def test_resume_equals_uninterrupted_run(dataset_root, tmp_path, monkeypatch, st
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(dataset_root, tmp_path):
+def test_ctrl_c_saves_a_resumable_checkpoint(dataset_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "lenet_fast.train", "--data-dir", str(dataset_root), "--no-download",
@@ -121,11 +121,14 @@ def test_ctrl_c_saves_a_resumable_checkpoint(dataset_root, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "resume with" in stderr
-    state = checkpoint.load(out / "checkpoint.pt")
+    state = checkpoint.load(out / "checkpoint.pt", resumable=True)
     assert state["epoch"] < 200
-    result = run_cli("train", "--resume", out / "checkpoint.pt", "--epochs", state["epoch"] + 1, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    assert json.loads((out / "metrics.json").read_text())["epochs"][-1]["epoch"] == state["epoch"] + 1
+    # Resume (the run's 200 epochs: a resumed run keeps them) and stop again a few steps later.
+    monkeypatch.setattr(train_module, "StopRequest", _stop_after(3))
+    assert train_module.main(["--resume", str(out / "checkpoint.pt"), "--data-dir", str(dataset_root),
+                              "--no-progress"]) == 130
+    resumed = checkpoint.load(out / "checkpoint.pt", resumable=True)
+    assert (resumed["epoch"], resumed["step"]) > (state["epoch"], state["step"])
 
 
 def test_resume_refuses_changed_hyperparameters(trained_run):
