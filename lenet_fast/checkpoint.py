@@ -135,14 +135,19 @@ def write_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> None:
     write_atomic(path, lambda f: figure.savefig(f, format=fmt, **savefig_kwargs), "wb")
 
 
+def _check_not_under_a_file(path: Path, option: str) -> Path:
+    """The nearest existing folder above `path`; an error if that is a file."""
+    existing = next(p for p in path.parents if p.exists())  # the last parent, "." or "/", exists
+    if not existing.is_dir():
+        raise OutputError(f"{option} {path} is under {existing}, which is a file, not a folder")
+    return existing
+
+
 def make_folder(path: Path, option: str) -> list[Path]:
     """Create `path` (parents too) for output; returns the folders created, deepest first."""
-    if str(path) == "":
-        raise OutputError(f"{option} is empty; name a folder")
-    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        where = "is a file" if blocking == path else f"is under {blocking}, which is a file"
-        raise OutputError(f"{option} {path} {where}, not a folder")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path} is a file, not a folder")
+    _check_not_under_a_file(path, option)
     created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -152,16 +157,16 @@ def make_folder(path: Path, option: str) -> list[Path]:
 
 
 def check_output_file(path: Path, option: str) -> None:
-    """Fail now, not after the work, if `path` cannot be written: creates its folder and
-    writes (and removes) a temporary file there."""
+    """Fail now, not after the work, if `path` cannot be written; creates nothing (a
+    temporary file in the nearest existing folder shows that writing works)."""
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; name a file")
-    make_folder(path.parent, option)
+    existing = _check_not_under_a_file(path, option)
     try:
-        with tempfile.TemporaryFile(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent):
+        with tempfile.TemporaryFile(prefix=f".{path.name}.", suffix=".tmp", dir=existing):
             pass
     except OSError as exc:
-        raise OutputError(f"{option} {path}: cannot write in {path.parent} ({exc.strerror or exc})") from None
+        raise OutputError(f"{option} {path}: cannot write in {existing} ({exc.strerror or exc})") from None
 
 
 class RunFolder:

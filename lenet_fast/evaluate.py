@@ -32,12 +32,12 @@ def check_confusion_path(path: Path) -> None:
     """Fail before the evaluation, not after it, if the confusion matrix cannot be saved there."""
     from matplotlib.backend_bases import FigureCanvasBase
 
+    checkpoint.check_output_file(path, "--confusion")
     formats = FigureCanvasBase.get_supported_filetypes()
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in formats:
         named = f"format {fmt!r}" if fmt else "no extension"
         raise cli.UsageError(f"--confusion {path}: {named}; name the image .png (or {', '.join(sorted(formats))})")
-    checkpoint.check_output_file(path, "--confusion")
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int = data.NUM_CLASSES) -> torch.Tensor:

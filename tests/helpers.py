@@ -121,3 +121,30 @@ def write_synthetic_mnist(root, n_train=384, n_test=128, seed=0, folder="MNIST")
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return root
+
+
+def run_main(main, argv, capsys):
+    """(exit code, stdout, stderr) of a tool's main(argv) run in this process: quicker than a
+    subprocess, which pays for importing torch again."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_args(dataset_root, out, *extra):
+    """lenet_fast.train arguments for a quick CPU run on the synthetic data (2 epochs of 2 steps)."""
+    return ["--data-dir", dataset_root, "--no-download", "--epochs", 2, "--batch-size", 32, "--limit-train", 64,
+            "--limit-test", 32, "--backend", "torch", "--device", "cpu", "--no-progress", "--out", out, *extra]
+
+
+def assert_one_error_line(code, err, tool, *fragments):
+    """Exit code 2 and stderr ending in one `lenet_fast.<tool>: error: ...` line holding every fragment."""
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert lines and lines[-1].startswith(f"lenet_fast.{tool}: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]

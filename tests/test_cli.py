@@ -1,6 +1,7 @@
 """The command-line tools end to end: train, resume, Ctrl-C, evaluate, predict, bad arguments."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import write_synthetic_mnist
+from helpers import assert_one_error_line, run_main, train_args, write_synthetic_mnist
 from lenet_fast import checkpoint, cli, data, predict
+from lenet_fast import evaluate as evaluate_module
 from lenet_fast import train as train_module
 
 EPOCH_FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds", "images_per_second"}
@@ -268,3 +270,278 @@ def test_cuda_graph_is_the_default_on_cuda_only(argv, option):
     else:
         assert train_module.resolve_cuda_graph(option, cpu) is False
     assert "--no-cuda-graph" in parser.format_help() and "on by default on CUDA" in " ".join(parser.format_help().split())
+
+
+# ---------------------------------------------------------------- resume: options and the schedule
+
+
+@pytest.fixture
+def finished_run(dataset_root, tmp_path):
+    """A short finished run trained with --backend torch and --no-cuda-graph (in this process)."""
+    out = tmp_path / "run"
+    assert train_module.main([str(a) for a in train_args(dataset_root, out, "--no-cuda-graph")]) == 0
+    return out / "checkpoint.pt"
+
+
+def test_resume_takes_options_not_given_from_the_checkpoint(finished_run, dataset_root, capsys):
+    capsys.readouterr()
+    code, out, err = run_main(train_module.main, ["--resume", finished_run, "--data-dir", dataset_root], capsys)
+    assert code == 0, err
+    assert "backend torch," in out  # not auto (ext here)
+    saved = json.loads((finished_run.parent / "metrics.json").read_text())["config"]
+    assert (saved["backend"], saved["device"], saved["cuda_graph"]) == ("torch", "cpu", False)
+    assert "resuming with" not in err
+
+
+def test_resume_announces_a_changed_backend_and_uses_it(finished_run, dataset_root, capsys):
+    capsys.readouterr()
+    code, out, err = run_main(train_module.main, ["--resume", finished_run, "--data-dir", dataset_root,
+                                                  "--backend", "ext"], capsys)
+    assert code == 0, err
+    assert err.splitlines()[0] == "lenet_fast.train: resuming with --backend ext; the checkpoint's run had --backend torch"
+    assert "backend ext," in out
+
+
+def test_resume_config_merges_runtime_options(monkeypatch):
+    """Not given: the checkpoint's; given and different: used, and said once per option."""
+    stored = {**train_module.DEFAULTS, "lr": 0.05, "device": "cpu", "backend": "torch", "cuda_graph": False,
+              "out": "/somewhere/else", "data_dir": "/somewhere/data"}
+    parser = train_module.build_parser()
+    config = train_module.make_config(parser.parse_args(["--resume", "r/checkpoint.pt"]), {"config": stored})
+    assert (config["device"], config["backend"], config["cuda_graph"]) == ("cpu", "torch", False)
+    assert config["out"] == "r" and config.get("data_dir") is None  # paths never come from the file
+    lines = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    config = train_module.make_config(parser.parse_args(["--resume", "r/checkpoint.pt", "--cuda-graph", "--device",
+                                                         "cuda", "--out", "elsewhere"]), {"config": stored})
+    assert (config["device"], config["cuda_graph"], config["out"]) == ("cuda", True, "elsewhere")
+    assert lines == ["lenet_fast.train: resuming with --device cuda; the checkpoint's run had --device cpu",
+                     "lenet_fast.train: resuming with --cuda-graph; the checkpoint's run had --no-cuda-graph"]
+
+
+def test_a_checkpoint_option_that_cannot_run_here_says_where_it_came_from():
+    stored = {**train_module.DEFAULTS, "lr": 0.05, "device": "cpu", "cuda_graph": True}
+    config = train_module.make_config(train_module.build_parser().parse_args(["--resume", "c.pt"]), {"config": stored})
+    with pytest.raises(cli.UsageError, match="--cuda-graph needs a CUDA device.*took --cuda-graph from its "
+                                             "checkpoint: give --no-cuda-graph to resume otherwise"):
+        train_module.resolve_runtime(config, {"config": stored})
+
+
+def test_resume_refuses_other_epochs_and_help_says_why(finished_run, dataset_root, capsys):
+    code, _, err = run_main(train_module.main, ["--resume", finished_run, "--data-dir", dataset_root,
+                                                "--epochs", 5], capsys)
+    assert_one_error_line(code, err, "train", "--epochs 5 differs from the checkpoint's 2",
+                          "cosine-annealed over its 2 epochs: for 5, start a new run")
+    assert checkpoint.load(finished_run)["config"]["epochs"] == 2
+    assert "a resumed run keeps its checkpoint's" in " ".join(train_module.build_parser().format_help().split())
+
+
+def test_resume_writes_beside_its_checkpoint_never_where_the_file_says(finished_run, dataset_root, tmp_path,
+                                                                       capsys, monkeypatch):
+    state = torch.load(finished_run, weights_only=True)
+    elsewhere = tmp_path / "elsewhere"
+    state["config"].update(out=str(elsewhere / "out"), data_dir=str(elsewhere / "data"), no_download=True)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    torch.save(state, moved / "checkpoint.pt")
+    monkeypatch.setenv("LENET_FAST_DATA", str(dataset_root))
+    code, out, err = run_main(train_module.main, ["--resume", moved / "checkpoint.pt"], capsys)
+    assert code == 0, err
+    assert f"-> {moved}" in out and (moved / "metrics.json").exists()
+    code, out, err = run_main(train_module.main, ["--resume", moved / "checkpoint.pt", "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "metrics.json").exists()
+    assert not elsewhere.exists()
+
+
+# ---------------------------------------------------------------- checked before any work
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if a run gets as far as loading its data."""
+    def load(*args, **kwargs):
+        raise AssertionError("the run started its work before refusing")
+
+    monkeypatch.setattr(train_module.data, "load", load)
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file", "read-only"])
+def test_unusable_out_is_refused_before_training(where, dataset_root, tmp_path, capsys, monkeypatch, no_training):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    if where == "file":
+        out, message = blocker, f"--out {blocker} is a file, not a folder"
+    elif where == "under-a-file":
+        out, message = blocker / "run", f"--out {blocker / 'run'} is under {blocker}, which is a file, not a folder"
+    else:
+        out, message = tmp_path / "ro", f"--out {tmp_path / 'ro'}: cannot write in this folder (Permission denied)"
+        out.mkdir()
+        real_open = os.open
+
+        def read_only_open(path, *args, **kwargs):  # as a read-only folder answers, also to root
+            if os.path.dirname(os.fspath(path)) == str(out):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", read_only_open)
+    code, _, err = run_main(train_module.main, train_args(dataset_root, out), capsys)
+    assert_one_error_line(code, err, "train", message)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_is_refused_before_training(dataset_root, tmp_path, capsys, no_training):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        code, _, err = run_main(train_module.main, train_args(dataset_root, out), capsys)
+    finally:
+        out.chmod(0o755)
+    assert_one_error_line(code, err, "train", f"--out {out}: cannot write in this folder")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--weight-decay", "-5"], "argument --weight-decay: must be a number >= 0, got -5"),
+        (["--weight-decay", "nan"], "argument --weight-decay: must be a number >= 0, got nan"),
+        (["--weight-decay", "inf"], "argument --weight-decay: must be a number >= 0, got inf"),
+        (["--seed", "100000000000000"], "argument --seed: must be an integer from 0 to 4294967295, got 100000000000000"),
+        (["--seed", "-1"], "argument --seed: must be an integer from 0 to 4294967295, got -1"),
+        (["--lr", "inf"], "argument --lr: must be a positive number, got inf"),
+        (["--limit-test", "0"], "argument --limit-test: must be a positive integer, got 0"),
+        (["--out", ""], "argument --out: must not be empty"),
+        (["--resume", ""], "argument --resume: must not be empty"),
+        (["--data-dir", ""], "argument --data-dir: must not be empty"),
+    ],
+)
+def test_bad_values_exit_2_before_any_work(args, message, capsys):
+    code, _, err = run_main(train_module.main, args, capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == f"lenet_fast.train: error: {message}"
+
+
+def test_empty_paths_are_refused_by_evaluate_and_predict(capsys):
+    code, _, err = run_main(evaluate_module.main, ["--checkpoint", ""], capsys)
+    assert code == 2 and "argument --checkpoint: must not be empty" in err
+    code, _, err = run_main(evaluate_module.main, ["--checkpoint", "c.pt", "--confusion", ""], capsys)
+    assert code == 2 and "argument --confusion: must not be empty" in err
+    code, _, err = run_main(predict.main, ["--checkpoint", "", "x.png"], capsys)
+    assert code == 2 and "argument --checkpoint: must not be empty" in err
+
+
+def test_python_m_lenet_fast_rejects_unknown_options():
+    result = subprocess.run([sys.executable, "-m", "lenet_fast", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
+    assert result.stdout == ""
+
+
+# ---------------------------------------------------------------- a diverging run
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_diverging_run_stops_with_exit_2_and_strict_json(dataset_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(train_module.main, train_args(dataset_root, out, "--lr", 100, "--limit-train", 200), capsys)
+    assert_one_error_line(code, err, "train", "the train loss became nan in epoch 1 (by step 7)",
+                          "the learning rate (100.0) is probably too high", "no checkpoint was saved")
+    metrics = _strict_json((out / "metrics.json").read_text())
+    assert metrics["diverged"] == {"epoch": 1, "step": 7, "train_loss": None} and metrics["epochs"] == []
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(dataset_root, tmp_path, capsys, monkeypatch):
+    """A learning rate that turns NaN in the second epoch: the first epoch's checkpoint stays."""
+    schedule = train_module.learning_rate
+    monkeypatch.setattr(train_module, "learning_rate",
+                        lambda peak, step, total: float("nan") if step >= 2 else schedule(peak, step, total))
+    out = tmp_path / "run"
+    code, _, err = run_main(train_module.main, train_args(dataset_root, out), capsys)
+    assert_one_error_line(code, err, "train", "became nan in epoch 2",
+                          f"the last good checkpoint, {out / 'checkpoint.pt'}, is kept")
+    state = checkpoint.load(out / "checkpoint.pt", resumable=True)  # finite weights, resumable
+    assert (state["epoch"], state["step"]) == (1, 0)
+    metrics = _strict_json((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1] and metrics["diverged"]["epoch"] == 2
+
+
+def test_divergence_is_caught_at_the_progress_bar_not_only_at_the_epoch_end(dataset_root, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setattr(train_module, "learning_rate", lambda peak, step, total: float("nan"))
+    args = [a for a in train_args(dataset_root, tmp_path / "run", "--batch-size", 1) if a != "--no-progress"]
+    code, _, err = run_main(train_module.main, args, capsys)
+    assert_one_error_line(code, err, "train", "became nan in epoch 1 (by step 50)")
+
+
+# ---------------------------------------------------------------- evaluate and predict outputs
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "unknown-extension", "no-extension", "a-folder"])
+def test_evaluate_checks_the_confusion_path_before_evaluating(where, trained_run, dataset_root, tmp_path, capsys,
+                                                             monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    path, message = {
+        "under-a-file": (blocker / "cm.png", f"--confusion {blocker / 'cm.png'} is under {blocker}, which is a file, not a folder"),
+        "unknown-extension": (tmp_path / "cm.xyz", "format 'xyz'; name the image .png (or "),
+        "no-extension": (tmp_path / "cm", "no extension; name the image .png"),
+        "a-folder": (tmp_path, f"--confusion {tmp_path} is a folder; name a file"),
+    }[where]
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("evaluated before refusing")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
+    out, _ = trained_run
+    code, _, err = run_main(evaluate_module.main, ["--checkpoint", out / "checkpoint.pt", "--data-dir", dataset_root,
+                                                   "--device", "cpu", "--confusion", path], capsys)
+    assert_one_error_line(code, err, "evaluate", message)
+
+
+def test_predict_reports_a_decompression_bomb_by_name_and_goes_on(trained_run, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    out, _ = trained_run
+    Image.new("L", (28, 28)).save(tmp_path / "digit.png")
+    Image.new("L", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # so 100x100 is past twice the limit
+    code, stdout, err = run_main(predict.main, ["--checkpoint", out / "checkpoint.pt", tmp_path / "bomb.png",
+                                                tmp_path / "digit.png"], capsys)
+    assert code == 1
+    assert f"{tmp_path / 'bomb.png'}: image too large, skipped" in err and "Traceback" not in err
+    assert f"{tmp_path / 'digit.png'}: " in stdout
+
+
+def test_predict_decodes_a_large_image_at_reduced_size(tmp_path):
+    """A 6000x4000 scan: the float working copies stay small (PIL's own buffers are not
+    traced here, only numpy's), and the digit comes out as from a small image."""
+    import tracemalloc
+
+    from PIL import Image, ImageDraw
+
+    def drawn(size, scale):
+        image = Image.new("L", size, 255)
+        ImageDraw.Draw(image).rectangle((1800 // scale, 800 // scale, 2600 // scale, 3200 // scale), fill=0)
+        return image
+
+    path = tmp_path / "scan.png"
+    drawn((6000, 4000), 1).save(path, compress_level=1)  # mostly white: a small, quick file
+    tracemalloc.start()
+    try:
+        with Image.open(path) as image:
+            frame = predict.to_mnist_format(image, invert=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40e6, f"{peak / 1e6:.0f} MB of working arrays"
+    small = predict.to_mnist_format(drawn((600, 400), 10), invert=True)
+    assert frame.shape == (28, 28)
+    # The same bar, up to a pixel of shift (centring rounds the centre of mass).
+    assert min(np.abs(np.roll(frame, (dy, dx), axis=(0, 1)) - small).mean()
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1)) < 0.02

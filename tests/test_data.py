@@ -1,6 +1,9 @@
 """lenet_fast.data: IDX files the test writes itself, corrupt and missing files, real MNIST."""
 
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +99,55 @@ def test_labels_out_of_range(tmp_path):
     write_idx(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.full(20, 12))
     with pytest.raises(data.DatasetCorruptError, match=r"labels outside 0..9"):
         data.load("mnist", tmp_path, download=False)
+
+
+def test_a_folder_where_a_data_file_should_be_is_named(tmp_path):
+    write_synthetic_mnist(tmp_path, n_train=20, n_test=10)
+    path = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(data.DatasetCorruptError, match=f"{path} is not a file"):
+        data.load("mnist", tmp_path, download=False)
+
+
+def test_a_valid_header_with_no_images_is_named(tmp_path):
+    write_synthetic_mnist(tmp_path, n_train=20, n_test=10)
+    raw = tmp_path / "MNIST" / "raw"
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28)))
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.zeros(0))
+    with pytest.raises(data.DatasetCorruptError, match=f"{raw / 't10k-images-idx3-ubyte'} holds no images"):
+        data.load("mnist", tmp_path, download=False)
+
+
+@pytest.fixture
+def silent_server():
+    """A URL whose server accepts connections and never answers (a network that swallows
+    requests); after 6 s it goes away, so a client without a timeout fails then."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    closer = threading.Timer(6.0, server.close)
+    closer.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/"
+    closer.cancel()
+    server.close()
+
+
+def test_a_download_that_gets_no_answer_times_out_and_says_what_it_fetched(silent_server, tmp_path, monkeypatch, capsys):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [silent_server])
+    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT", 0.5)
+    started = time.monotonic()
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.load("mnist", tmp_path, download=True)
+    assert time.monotonic() - started < 4
+    message = str(info.value)
+    assert "no answer within 0.5 s" in message and f"{silent_server}train-images-idx3-ubyte.gz" in message
+    assert "t10k-labels-idx1-ubyte" in message and "--data-dir" in message  # the offline paragraph
+    err = capsys.readouterr().err
+    assert f"downloading {silent_server}train-images-idx3-ubyte.gz into {tmp_path / 'MNIST' / 'raw'}" in err
+    assert socket.getdefaulttimeout() is None  # restored
 
 
 def test_default_data_dir_honours_environment(monkeypatch, tmp_path):
