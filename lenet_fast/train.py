@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_runtime_options(p, default_device=None, default_backend=None)
     cli.add_data_options(p)
     p.add_argument("--epochs", type=cli.config_value("epochs", int), default=None,
-                   help=f"(default {DEFAULTS['epochs']}); a resumed run keeps its checkpoint's, since the "
-                        f"learning-rate schedule spans them: to train longer, start a new run")
+                   help=f"(default {DEFAULTS['epochs']}); a resumed run keeps its checkpoint's (the cosine "
+                        f"learning-rate schedule spans them): another count is refused, start a new run instead")
     p.add_argument("--batch-size", type=cli.config_value("batch_size", int), default=None,
                    help=f"(default {DEFAULTS['batch_size']})")
     p.add_argument("--lr", type=cli.config_value("lr", float), default=None,
@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=cli.path_value, default=None,
                    help="output folder (default runs/<dataset>-<date>-<time>; when resuming, the checkpoint's folder)")
     p.add_argument("--resume", type=cli.path_value, default=None, metavar="CHECKPOINT",
-                   help="continue from this checkpoint; options not given come from it (a changed --device, "
-                        "--backend or --cuda-graph is announced, changed hyperparameters are refused)")
+                   help="continue from this checkpoint, writing beside it unless --out is given; options not "
+                        "given come from it (a changed --device, --backend or --cuda-graph is announced, changed "
+                        "hyperparameters are refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the training step (forward, backward, optimizer step) as CUDA graphs, one per "

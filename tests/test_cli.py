@@ -333,7 +333,8 @@ def test_resume_refuses_other_epochs_and_help_says_why(finished_run, dataset_roo
     assert_one_error_line(code, err, "train", "--epochs 5 differs from the checkpoint's 2",
                           "cosine-annealed over its 2 epochs: for 5, start a new run")
     assert checkpoint.load(finished_run)["config"]["epochs"] == 2
-    assert "a resumed run keeps its checkpoint's" in " ".join(train_module.build_parser().format_help().split())
+    assert "a resumed run keeps its checkpoint's (the cosine learning-rate schedule spans them): another count is " \
+           "refused" in " ".join(train_module.build_parser().format_help().split())
 
 
 def test_resume_writes_beside_its_checkpoint_never_where_the_file_says(finished_run, dataset_root, tmp_path,
