@@ -113,6 +113,30 @@ def test_a_good_checkpoint_passes_the_schema(good_checkpoint):
     assert (state["epoch"], state["step"], state["partial"]) == (2, 0, None)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_optimizer_state_of_a_cuda_graph_run_passes_the_schema(optimizer, good_checkpoint, dataset_root, tmp_path,
+                                                                   capsys):
+    """A graphed run holds its learning rate in a tensor (and its Adam is capturable); the
+    schema leaves both to the run that resumes, which sets them itself."""
+    from lenet_fast.model import LeNet
+    from lenet_fast.optim import make_optimizer
+    from lenet_fast.training import lr_holder, train_step
+
+    state = torch.load(good_checkpoint, weights_only=True)
+    model = LeNet(backend="torch")
+    model.load_state_dict(state["model"])
+    lr = train_module.DEFAULT_LR[optimizer]
+    graphed = make_optimizer(model.parameters(), optimizer, lr_holder(lr, "cpu", True), state["config"]["weight_decay"])
+    train_step(model, graphed, torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]))
+    state["config"].update(optimizer=optimizer, lr=lr)
+    state["optimizer"] = graphed.state_dict()
+    torch.save(state, tmp_path / "graphed.pt")
+    assert checkpoint.load(tmp_path / "graphed.pt", resumable=True)["config"]["optimizer"] == optimizer
+    code, _, err = run_main(train_module.main, ["--resume", tmp_path / "graphed.pt", "--data-dir", dataset_root,
+                                                "--no-progress"], capsys)
+    assert code == 0, err
+
+
 def test_a_folder_given_as_checkpoint_says_so(good_checkpoint, tmp_path, capsys):
     code, _, err = run_main(evaluate.main, ["--checkpoint", good_checkpoint.parent], capsys)
     assert_one_error_line(code, err, "evaluate", f"checkpoint {good_checkpoint.parent} is a folder",
