@@ -8,7 +8,8 @@ import importlib.metadata
 import os
 import platform
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint, cli, data
+from . import cli, data
 
 PROG = "lenet_fast.predict"
 # Images are brought down to at most this many pixels on their longer side before any

@@ -163,9 +163,8 @@ def test_two_trainers_on_one_folder_the_second_says_who_holds_it(dataset_root, t
 
 
 def test_the_lock_is_released_and_a_new_empty_folder_removed(tmp_path):
-    with pytest.raises(RuntimeError):
-        with checkpoint.RunFolder(tmp_path / "a" / "b"):
-            raise RuntimeError("the run failed before writing anything")
+    with pytest.raises(RuntimeError), checkpoint.RunFolder(tmp_path / "a" / "b"):
+        raise RuntimeError("the run failed before writing anything")
     assert not (tmp_path / "a").exists()
     with checkpoint.RunFolder(tmp_path / "c") as out:
         (out / "metrics.json").write_text("{}")
