@@ -43,7 +43,7 @@ def _reduced_gray(image):
     after decoding, before the conversions that copy it."""
     factor = -(-max(image.size) // WORK_SIDE)
     if factor > 1:
-        image.draft(None, (image.width // factor, image.height // factor))
+        image.draft(None, (max(1, image.width // factor), max(1, image.height // factor)))
         factor = -(-max(image.size) // WORK_SIDE)
     if factor > 1:
         try:
