@@ -26,6 +26,12 @@ import torch.nn.functional as F
 pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (pip install -e '.[test]')")
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 
+# Importing torch's internal test suite freezes the torch.backends flags for the whole
+# process (torch's own tests set them only inside `with` blocks); without undoing that,
+# every later test that configures cuDNN as lenet_fast.train does would fail.
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+assert not torch.backends.flags_frozen()
+
 from helpers import check_op  # noqa: E402
 from lenet_fast import backends, ops  # noqa: E402
 
