@@ -87,8 +87,8 @@ def bench_end_to_end(device: torch.device, names: list[str], *, epochs: int, dat
 
     def add(row: dict) -> None:
         rows.append(row)
-        on_row(rows, source)
         if "cut_after_seconds" in row:
+            on_row(rows, source)
             print(f"{row['name']:44} cut after {row['cut_after_seconds']:g} s (compilation included)", flush=True)
             return
         for key, reference in (("speedup_vs_stock_eager", "stock eager"),
@@ -96,6 +96,7 @@ def bench_end_to_end(device: torch.device, names: list[str], *, epochs: int, dat
             ref = next((r for r in rows if r["name"] == reference), None)
             if ref is not None:
                 row[key] = ref["best_epoch_seconds"] / row["best_epoch_seconds"]
+        on_row(rows, source)
         vs_graph = f"  {row['speedup_vs_stock_graph']:5.2f}x stock graph" if "speedup_vs_stock_graph" in row else ""
         print(f"{row['name']:44} epoch {row['best_epoch_seconds']:7.2f} s  {row['images_per_second']:9,.0f} img/s  "
               f"step {row['step_us']:8.0f} us  {row['speedup_vs_stock_eager']:5.2f}x stock eager{vs_graph}  "

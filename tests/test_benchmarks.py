@@ -125,6 +125,26 @@ def test_graphed_rows_train_every_batch_like_their_eager_twins():
     assert all(torch.equal(p, q) for p, q in zip(graphed.model.parameters(), eager.model.parameters()))
 
 
+def test_benchmark_command_end_to_end_on_tiny_mnist(tmp_path, monkeypatch):
+    """`python -m benchmarks.run --skip ops` on a tiny MNIST: every row lands in results.json
+    and results.md as it finishes (the files are rewritten after each row), with its ratios."""
+    write_synthetic_mnist(tmp_path / "data", n_train=130, n_test=64)
+    monkeypatch.setattr(end_to_end, "contenders", lambda device, available: [
+        end_to_end.Contender("stock eager"), end_to_end.Contender("lenet_fast torch", backend="torch"),
+        end_to_end.Contender("torch.compile", compile_mode="default")])
+    monkeypatch.setattr(end_to_end, "run_capped", lambda contender, **kw: {
+        "name": contender.name, "backend": "stock", "epochs": 1, "cut_after_seconds": kw["limit_seconds"]})
+    out = tmp_path / "out"
+    assert run.main(["--device", "cpu", "--skip", "ops", "--threads", str(torch.get_num_threads()),
+                     "--data-dir", str(tmp_path / "data"), "--out", str(out), "--compile-timeout", "5"]) == 0
+    rows = json.loads((out / "results.json").read_text())["end_to_end"]
+    assert [r["name"] for r in rows] == ["stock eager", "lenet_fast torch", "torch.compile"]
+    assert rows[0]["speedup_vs_stock_eager"] == 1.0 and rows[1]["speedup_vs_stock_eager"] > 0
+    assert rows[2]["cut_after_seconds"] == 5
+    text = (out / "results.md").read_text()
+    assert "| lenet_fast torch |" in text and "| torch.compile | cut after 5 s |" in text
+
+
 def test_capped_row_runs_in_a_child_and_is_cut_at_its_limit(tmp_path):
     write_synthetic_mnist(tmp_path, n_train=128, n_test=64)
     device = torch.device("cpu")
