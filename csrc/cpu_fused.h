@@ -137,8 +137,8 @@ inline void build_column_planes(const T* __restrict xn, T* __restrict planes, co
 // every tap is a contiguous, unit-stride load of V values at offset px or px+1
 // of one plane; the weights are scalars held in registers.  A block is B = 2V
 // pooled columns (LeNet conv1: Wp = 13 -> one block): 8 independent accumulator
-// vectors, so more of the 9-FMA chains per conv output overlap (B = V measured
-// twice as slow on LeNet conv1).  Pooled columns past Wp read zeros/neighbours;
+// vectors, so more of the 9-FMA chains per conv output overlap (B = V was
+// slower on LeNet conv1: docs/measurements-behind-the-code.md).  Pooled columns past Wp read zeros/neighbours;
 // the block is stored whole into the output row anyway, spilling into the next
 // row, which is written afterwards (see the store).
 //
@@ -383,8 +383,8 @@ inline void unpack_image_cl_stride(const T* __restrict dX, T* __restrict gx, con
 
 // pack_image_cl / unpack_image_cl: the strided loops above, except for floats
 // with 8 channels (kClC), where whole 8 x 8 blocks (8 pixels x 8 channels) are
-// transposed in registers.  As strided scalar loops these two conversions took
-// 27% of conv2's backward (1 thread, 51% masked windows).  A row is covered by
+// transposed in registers: as strided scalar loops these two conversions took
+// a quarter of conv2's backward (docs/measurements-behind-the-code.md).  A row is covered by
 // blocks at 0, 8, ... and one last block ending at the row's end (overlapping
 // the one before, writing the same values again); rows narrower than 8 pixels
 // take the loops.
@@ -469,10 +469,9 @@ inline int64_t code_offset(int code, int64_t rs, int64_t C) {
 }
 
 // Only a winner that passed ReLU (code < kPoolMasked) carries gradient, and on
-// real data many do not: training LeNet on MNIST, 27-55% of conv1's windows and
-// 74-86% of conv2's were masked (random test tensors: 6-14%).  Whether a window
-// is masked depends on the data, so it is never a branch (with one, conv1's
-// weight gradient ran 1.4-1.9x slower at 30% masked windows than at 6%).
+// real data many do not (far more than on random test tensors: docs/measurements-behind-the-code.md).
+// Whether a window is masked depends on the data, so it is never a branch (with
+// one, conv1's weight gradient slowed down as the masked share grew).
 // Two ways, by how much work a window is:
 //  * C > 1 (a patch is 9 AVX vectors): compact_winners first lists the windows
 //    that pass, and the loops run over that list only;

@@ -2,9 +2,8 @@
 // replaying a CUDA graph (lenet_fast/cuda_graph.py).
 //
 // An eager step records three autograd nodes, runs them and ten AccumulateGrad nodes
-// through the engine, and crosses into Python for every op, the loss and the optimizer:
-// on a 2-core CPU at batch 64 this op took a step from ~760 to ~635 us (median of 15
-// alternating blocks of 200 steps).  Here the same kernels run in the order the engine runs
+// through the engine, and crosses into Python for every op, the loss and the optimizer,
+// a sixth of a LeNet step on a CPU (docs/measurements-behind-the-code.md).  Here the same kernels run in the order the engine runs
 // them, with the same arguments (the op's forward, then its backward with the gradient
 // the engine would pass), and the parameters are updated by the kernel FusedSGD calls
 // (aten::_fused_sgd_), so loss, gradients and parameters are bitwise those of the eager

@@ -42,8 +42,8 @@ void bias_relu_cpu(T* y, const T* b, int64_t N, int64_t O, bool do_relu) {
 // gm = g masked by ReLU's gradient (when do_relu) and gb = its column sums.  Rows go in
 // fixed chunks of kRowChunk: each chunk masks its rows and sums them, in order, into its
 // own partial row; the partials are then added in chunk order.  The chunking does not
-// depend on the thread count, so neither do the bits.  (Walking the rows once, inner loop
-// along a row, instead of once per 32-column block: 1024 x 84 went from 55 to ~10 us.)
+// depend on the thread count, so neither do the bits.  The rows are walked once, inner loop
+// along a row, not once per block of columns (several times faster: docs/measurements-behind-the-code.md).
 template <typename T>
 void relu_mask_bias_grad_cpu(const T* g, const T* out, T* gm, T* gb, int64_t N, int64_t O, bool do_relu) {
   constexpr int64_t kRowChunk = 64;
@@ -84,10 +84,9 @@ void relu_mask_bias_grad_cpu(const T* g, const T* out, T* gm, T* gb, int64_t N, 
 }
 
 // --- narrow layers: y = x . w^T + b (then ReLU) with all outputs of a row in registers --
-// MKL runs this orientation of a narrow layer far below its usual rate: LeNet's fc3
-// (1024 x 84 -> 10) took 91 us on one EPYC core, where the same number of FMAs as fc3's
-// input-gradient GEMM (1024 x 10 -> 84) took 37 us; at batch 64 its fixed cost (~7 us) is
-// most of the call.  Here w is transposed once into kNarrowOut zero-padded columns, and a
+// MKL runs this orientation of a narrow layer far below its usual rate (LeNet's fc3 forward
+// against the same number of FMAs in fc3's input-gradient GEMM: docs/measurements-behind-the-code.md), and at
+// batch 64 its fixed cost is most of the call.  Here w is transposed once into kNarrowOut zero-padded columns, and a
 // block of R rows keeps R x kNarrowOut accumulators in registers while it walks k, one
 // broadcast x value and one FMA per accumulator vector per step.  Sums run over k in order,
 // then + bias, then ReLU; one thread owns each row, so the bits do not depend on threads.
@@ -134,8 +133,8 @@ void narrow_linear_cpu(const T* x, const T* w, const T* b, T* y, int64_t N, int6
     for (int64_t k = 0; k < K; ++k) wt[k * J + o] = w[o * K + k];
   T bias[J] = {};
   if (b != nullptr) std::copy(b, b + O, bias);
-  // A block costs R * K * J lane-FMAs; below ~2^18 of them (~3 us) a second thread
-  // costs more to wake than it saves (batch 64 of fc3 stays on one thread).
+  // A block costs R * K * J lane-FMAs; below ~2^18 of them (a few microseconds) a second
+  // thread costs more to wake than it saves (batch 64 of fc3 stays on one thread).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, R * K * J));
   at::parallel_for(0, ceil_div(N, int64_t{R}), grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -228,10 +227,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& g_, 
     if (!weight_grad) gb = empty0(g);
   }
   // Both GEMMs at once, one per thread: for layers as small as LeNet's, MKL splitting
-  // each GEMM over both threads waits more than it computes (interleaved A/B, 2-core
-  // EPYC, batch 64: a training step 2-5% faster).  Inside the parallel region MKL runs
-  // serially; the bits are the same run after run for a given thread count, but may differ
-  // between thread counts: they did at 1024x400x120 on a 16-core GPU host, most likely
+  // each GEMM over both threads waits more than it computes (docs/measurements-behind-the-code.md).  Inside
+  // the parallel region MKL runs serially; the bits are the same run after run for a given
+  // thread count, but may differ between thread counts: they did at 1024x400x120 on a
+  // many-core host, most likely
   // MKL splitting a GEMM's reduction for the global thread count (torch turns MKL's
   // dynamic threading off).
   if (input_grad && weight_grad && g.is_cpu() && at::get_num_threads() > 1) {

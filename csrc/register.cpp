@@ -237,10 +237,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_cros
   return {r[0], r[1], r[2], std::vector<at::Tensor>(r.begin() + 3, r.end())};
 }
 
-// loss.backward() without the Python around it.  torch.autograd.backward spends
-// ~30 us of Python per call (argument normalisation, the implicit ones_like gradient,
-// a context stashed for compiled autograd) before the C++ engine starts: ~4% of a
-// LeNet training step on a 2-core CPU.  The engine run is the same one.  torch.ops
+// loss.backward() without the Python around it.  torch.autograd.backward runs Python per
+// call (argument normalisation, the implicit ones_like gradient, a context stashed for
+// compiled autograd) before the C++ engine starts, a few percent of a LeNet training step
+// on a CPU (docs/measurements-behind-the-code.md).  The engine run is the same one.  torch.ops
 // calls release the GIL, which the engine requires.
 void run_backward(const at::Tensor& loss) { torch::autograd::backward({loss}); }
 

@@ -107,8 +107,8 @@ def device_name(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    # The instruction set ATen's CPU kernels dispatch to: stock PyTorch's speed depends on it
-    # (the same 2-core machine kind has come with and without AVX-512).
+    # The instruction set ATen's CPU kernels dispatch to: stock PyTorch's speed depends on it,
+    # and one machine kind can come with or without AVX-512.
     return f"{model}, {torch.backends.cpu.get_cpu_capability()} ({torch.get_num_threads()} threads)"
 
 

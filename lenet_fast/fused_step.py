@@ -2,8 +2,8 @@
 
 An eager training step pays for autograd and Python around every kernel: recording
 three autograd nodes, the engine's run of them and of ten AccumulateGrad nodes, the
-op wrappers and the optimizer's call.  At LeNet's size on a 2-core CPU that was ~17% of
-an ext step (batch 64: ~760 -> ~635 us).  `sgd_step` runs the same step as one call of
+op wrappers and the optimizer's call: at LeNet's size on a CPU, a sixth of an ext step
+(docs/measurements-behind-the-code.md).  `sgd_step` runs the same step as one call of
 the extension's `ext_lenet_sgd_step` (csrc/lenet_sgd_step.cpp): the same forward and
 backward kernels in the order the autograd engine runs them, then the fused SGD kernel
 FusedSGD calls.  Loss, gradients (left in each parameter's .grad) and updated

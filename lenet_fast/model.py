@@ -80,9 +80,9 @@ class LeNet(nn.Module):
         after checking x once."""
         # The layers' arguments are this module's own parameters, whose shapes
         # nn.Conv2d / nn.Linear fix, so only x is checked, once, against them;
-        # the backend's functions are then called directly.  (Re-validating
-        # every layer through lenet_fast.ops made an ext training step on the
-        # CPU ~7% slower, batch 64.)
+        # the backend's functions are then called directly: re-validating every
+        # layer through lenet_fast.ops made an ext training step measurably slower
+        # (docs/measurements-behind-the-code.md).
         w1, b1, w2, b2, *head = self._layer_parameters()
         self._check_input(x, w1)
         impl = backends.implementation(self.backend, x.device, x.dtype)
@@ -116,8 +116,9 @@ class LeNet(nn.Module):
     def _layer_parameters(self) -> list:
         """[weight, bias] of conv1, conv2, fc1, fc2, fc3, in that order."""
         # Read from the layers' parameter dicts: `self.fc1.weight` goes through
-        # nn.Module.__getattr__ twice (~2 us on the development CPU, ten times a
-        # step); getattr remains the fallback for a parametrized weight.
+        # nn.Module.__getattr__ twice, ten times a step, which shows at LeNet's size
+        # (docs/measurements-behind-the-code.md); getattr remains the fallback for a
+        # parametrized weight.
         layers = self._modules
         return [
             layer._parameters[kind] if kind in layer._parameters else getattr(layer, kind)

@@ -1,9 +1,9 @@
 """The optimizers lenet_fast trains with: SGD and Adam on PyTorch's fused kernels.
 
 Fused kernels update every parameter in one call.  At LeNet's size this
-matters: on a 2-core CPU the default per-tensor path takes about as long as the
-fused convolution backward (~260 us vs ~16 us per step, measured with
-torch 2.14), and on a GPU it is several launches per parameter instead of one.
+matters: on a CPU the default per-tensor path costs many times the fused kernel
+(docs/measurements-behind-the-code.md), and on a GPU it is several launches per
+parameter instead of one.
 A learning rate given as a device tensor is read by the kernels at run time,
 which is what lets a CUDA graph replay the step while the schedule changes it.
 
@@ -29,9 +29,8 @@ class FusedSGD(torch.optim.SGD):
     step hooks, closures and a tensor learning rate work as in torch.optim.
     What goes is per-step Python: torch.optim wraps every step in a profiler
     range and hook dispatch, regroups the tensors by device and dtype and looks
-    up each parameter's state.  In a LeNet training step on a 2-core CPU
-    (torch 2.14) its fused step() took ~120 us and zero_grad() ~55 us, for an
-    update that itself takes ~30 us.  Here, while no hooks are registered, a
+    up each parameter's state, which in a LeNet training step costs several times
+    the update itself (docs/measurements-behind-the-code.md).  Here, while no hooks are registered, a
     step is one call of the kernel on lists kept from the previous step.
     Sparse gradients and GradScaler's grad_scale/found_inf are not supported
     (use torch.optim.SGD).
@@ -47,8 +46,8 @@ class FusedSGD(torch.optim.SGD):
 
     def step(self, closure=None):
         # torch.optim wraps a subclass's step() in its hook and profiler
-        # dispatch unless marked `hooked` (below); that wrapper alone cost
-        # ~50 us per call, so it is used only when hooks are registered.
+        # dispatch unless marked `hooked` (below); that wrapper alone costs more
+        # than the update, so it is used only when hooks are registered.
         if self._has_step_hooks():
             return torch.optim.Optimizer.profile_hook_step(FusedSGD._step)(self, closure)
         return self._step(closure)

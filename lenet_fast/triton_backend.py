@@ -59,10 +59,8 @@ def _backward(op, launch_wrapper, grad: torch.Tensor, *args):
 
     Calling a registered op from Python passes through the custom-op dispatcher, its
     autograd wrapper and a dynamo-disable wrapper before it reaches the launch wrapper.
-    An eager LeNet training step makes nine such calls; skipping them took its host time
-    from 2,326 to 2,180 us (medians of 12 interleaved blocks, 2-core CPU, one thread,
-    launches recorded instead of run), host time being what bounds a small net's eager
-    step on a GPU.  Under tracing (a dispatch mode is active: torch.compile, export,
+    An eager LeNet training step makes nine such calls, and host time is what bounds a
+    small net's eager step on a GPU (docs/measurements-behind-the-code.md).  Under tracing (a dispatch mode is active: torch.compile, export,
     make_fx, opcheck; or tensor subclasses) or a torch.func transform the op is called,
     so graphs and transforms see it as before.
     """
