@@ -71,10 +71,9 @@ else
 fi
 
 # --- 1. build the extension for this GPU --------------------------------------------
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
-    export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-fi
-export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-16}
+# setup.py finds the toolkit through nvcc; a GPU check needs the CUDA kernels, so a
+# failed CUDA compile fails the build stage instead of falling back to the CPU kernels.
+export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-16} LENET_FAST_BUILD_CUDA=1
 { grep -m1 "model name" /proc/cpuinfo; gcc --version | head -1; nvcc --version | tail -1; "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/toolchain.txt" 2>&1
 stage build 150 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || { say "build failed: see build.log"; exit 1; }
 stage backends 30 "$PY" -m lenet_fast

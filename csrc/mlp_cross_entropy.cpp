@@ -8,7 +8,7 @@
 // writes dlogits = d loss / d logits, so the backward is linear.cpp's backward run layer by
 // layer from the top.  Why one op: in eager PyTorch every layer and the loss is its own
 // Python call and autograd node, and for a small head like LeNet's that bookkeeping costs
-// more than the GEMMs (README, "Benchmarks").
+// more than the GEMMs (docs/benchmarks.md).
 #include <cmath>
 #include <vector>
 

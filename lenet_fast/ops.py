@@ -175,7 +175,7 @@ def mlp_cross_entropy(x, weights, biases, target, *, backend: str = "auto") -> t
     as it is: on the ext backend the flattening then costs no autograd node of its own);
     target int64 (N,) of class indices.  Both outputs are differentiable, and x's gradient
     has x's shape.  On the ext backend the whole head is one autograd node, which is what
-    makes it faster than the layers one by one (README, "Benchmarks").
+    makes it faster than the layers one by one (docs/benchmarks.md).
     """
     _check_tensor("x", x)
     if x.dim() < 2:

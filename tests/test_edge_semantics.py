@@ -122,7 +122,7 @@ def test_cross_entropy_ignores_target_minus_100_as_stock(backend_device, target)
 def test_cross_entropy_other_negative_targets_still_fail_on_the_cpu(backend_device):
     backend, device = backend_device
     if device != "cpu":
-        pytest.skip("on a GPU a kernel cannot raise: the loss is NaN there (README)")
+        pytest.skip("on a GPU a kernel cannot raise: the loss is NaN there (docs/kernels.md)")
     x, w, b = torch.randn(3, 4, dtype=DTYPE[backend]), torch.eye(4, dtype=DTYPE[backend]), torch.zeros(4)
     with pytest.raises(IndexError, match="-5"):
         ops.mlp_cross_entropy(x, [w], [b.to(x.dtype)], torch.tensor([0, -5, 1]), backend=backend)
