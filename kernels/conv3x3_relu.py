@@ -130,6 +130,7 @@ def conv3x3_relu_bwd_input_kernel(
         ow = iw - tap % 3 + PAD
         valid = valid_p & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         src = grad_img + oh * OW + ow
+        tap_acc = tl.zeros((BLOCK_CI, BLOCK_P), dtype=tl.float32)
         for co0 in range(0, C_out, BLOCK_CO):
             co = co0 + tl.arange(0, BLOCK_CO)
             valid_co = co < C_out
@@ -139,8 +140,8 @@ def conv3x3_relu_bwd_input_kernel(
             offs = src[None, :] + (co * (OH * OW))[:, None]
             m = valid_co[:, None] & valid[None, :]
             gm = relu_grad(tl.load(grad_ptr + offs, mask=m, other=0.0), tl.load(out_ptr + offs, mask=m, other=0.0))
-            # A pixel the tap does not reach keeps its sum: no 0 * W off the image (module docstring).
-            acc = tl.where(valid[None, :], tl.dot(wt, gm, acc, input_precision=PRECISION), acc)
+            tap_acc = tl.dot(wt, gm, tap_acc, input_precision=PRECISION)
+        acc += tl.where(valid[None, :], tap_acc, 0.0)  # see the module docstring: no 0 * W off the image
 
     gx_offs = (n * C_in * (H * W) + r)[None, :] + (ci * (H * W))[:, None]
     tl.store(gx_ptr + gx_offs, acc, mask=valid_ci[:, None] & valid_p[None, :])

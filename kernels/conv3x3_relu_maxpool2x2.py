@@ -185,8 +185,6 @@ def conv3x3_relu_maxpool2x2_bwd_input_kernel(
             gm = relu_grad(tl.load(grad_ptr + offs, mask=m, other=0.0), tl.load(out_ptr + offs, mask=m, other=0.0))
             gconv = tl.where(winner == pos[None, :], gm, 0.0)
             tap_acc = tl.dot(wt, gconv, tap_acc, input_precision=PRECISION)
-        # A tap's own sum, masked once (conv3x3_relu's kernel masks inside the loop
-        # instead: each form is the one that compiles without spills there).
         acc += tl.where(on_image[None, :], tap_acc, 0.0)
 
     gx_offs = (n * C_in * (H * W) + r)[None, :] + (ci * (H * W))[:, None]
