@@ -15,26 +15,22 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from . import fused_step
+from . import backends, fused_step
 from .cuda_graph import GraphedTrainStep
 from .model import LeNet
 
 
-def _load_step_helpers():
-    """(backward, count_correct) as lenet_fast's training step runs them.
-
-    With the extension built: loss.backward() started from C++ (the same engine run
-    without torch.autograd.backward's Python) and the correct-prediction count as one
-    op instead of three (see csrc/register.cpp, csrc/count_correct.cpp).  Without it,
-    torch's own."""
-    try:
-        from .ext_backend import count_correct, run_backward
-    except ImportError:
-        return torch.Tensor.backward, lambda logits, y: (logits.argmax(1) == y).sum()
-    return run_backward, count_correct
+def _count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(1) == y).sum()  # argmax records no graph
 
 
-_backward, _count_correct = _load_step_helpers()
+def _step_helpers(model: LeNet, x: torch.Tensor):
+    """(backward, count_correct) of the backend `model` runs on for x: a backend may offer
+    its own (the ext backend starts loss.backward() from C++, without
+    torch.autograd.backward's Python, and counts correct predictions with one op instead of
+    three: csrc/register.cpp, csrc/count_correct.cpp); otherwise torch's."""
+    impl = backends.implementation(model.backend, x.device, x.dtype)
+    return getattr(impl, "run_backward", torch.Tensor.backward), getattr(impl, "count_correct", _count_correct)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
@@ -49,17 +45,18 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         if done is not None:
             return done
         loss, logits = model.forward_with_loss(x, y)
+        backward, count_correct = _step_helpers(model, x)
         optimizer.zero_grad(set_to_none=True)
-        _backward(loss)
+        backward(loss)
         optimizer.step()
-        return loss.detach(), _count_correct(logits, y)
+        return loss.detach(), count_correct(logits, y)
     # The stock step (the benchmarks time stock models through here).
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()  # argmax records no graph
+    return loss.detach(), _count_correct(logits, y)
 
 
 def learning_rate(peak: float, step: int, total_steps: int) -> float:

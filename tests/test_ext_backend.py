@@ -580,13 +580,24 @@ def test_run_backward_bad_loss_is_torchs_error():
         E.run_backward(torch.ones(3, requires_grad=True) * 2)
 
 
-def test_training_step_uses_the_extension_helpers():
-    """lenet_fast's training step starts backward from C++ and counts with one op when the
-    extension is built; the stock models the benchmarks compare against keep loss.backward()
-    and the three-op count (train_step's stock branch)."""
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_training_step_uses_the_helpers_of_its_own_backend(monkeypatch, backend):
+    """An ext LeNet's eager training step starts backward from C++ and counts with one op;
+    a LeNet on another backend (and the stock models the benchmarks compare against) uses
+    torch's own loss.backward() and count: no extension call when another backend runs."""
+    import lenet_fast
     from lenet_fast import training
 
-    assert training._backward is E.run_backward and training._count_correct is E.count_correct
+    calls = []
+    monkeypatch.setattr(E, "run_backward", lambda loss: calls.append("backward") or loss.backward())
+    monkeypatch.setattr(E, "count_correct", lambda logits, y: calls.append("count") or (logits.argmax(1) == y).sum())
+    torch.manual_seed(0)
+    model = lenet_fast.LeNet(backend=backend)
+    optimizer = lenet_fast.optim.make_optimizer(model.parameters(), "sgd", 0.05)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    training.train_step(model, optimizer, x, y, fused=False)
+    assert calls == (["backward", "count"] if backend == "ext" else [])
+    assert all(p.grad is not None for p in model.parameters())
 
 
 # --- count_correct: (logits.argmax(1) == target).sum() in one op ---------------------------
