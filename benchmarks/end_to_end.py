@@ -250,17 +250,27 @@ class Run:
         }
 
 
-def interleave(runs: list[Run], epoch: int, segments: int) -> None:
+def interleave(runs: list[Run], epoch: int, segments: int,
+               after_slice: Callable[[Run], bool] | None = None) -> None:
     """Epoch `epoch` of every run, their slices taken in turn.
 
     Each round starts one run later than the round before, so that no run always follows
-    the same neighbour (a slice right after a slow baseline's may start with cold caches)."""
-    pending = [run.epoch(epoch, segments) for run in runs]
+    the same neighbour (a slice right after a slow baseline's may start with cold caches).
+    `after_slice(run)`, if given, runs after each of that run's slices, outside its clock;
+    True ends the run's epoch there."""
+    pending = [(run, run.epoch(epoch, segments)) for run in runs]
     turn = 0
     while pending:
         start = turn % len(pending)
-        finished = {id(g) for g in pending[start:] + pending[:start] if next(g, StopIteration) is StopIteration}
-        pending = [g for g in pending if id(g) not in finished]
+        finished = set()
+        for run, slices in pending[start:] + pending[:start]:
+            more = next(slices, StopIteration) is not StopIteration
+            if after_slice is not None and after_slice(run) and more:
+                slices.close()
+                more = False
+            if not more:
+                finished.add(id(slices))
+        pending = [(run, slices) for run, slices in pending if id(slices) not in finished]
         turn += 1
 
 

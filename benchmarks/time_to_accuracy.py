@@ -86,24 +86,16 @@ def race(runs: list[end_to_end.Run], *, seed: int, target: float, epochs: int, e
     """Train `runs` interleaved until each reaches `target` or ends its epochs; one row each."""
     curves: dict[int, list[list[float]]] = {id(r): [] for r in runs}
     reached: dict[int, bool] = {id(r): False for r in runs}
+
+    def evaluate_and_stop(r: end_to_end.Run) -> bool:
+        _, accuracy, _ = evaluate(r.model, test_set)  # outside the clock: Run times only its slices
+        r.model.train()
+        curves[id(r)].append([r.train_seconds, r.steps_done / r.steps_per_epoch, accuracy])
+        reached[id(r)] = accuracy >= target
+        return reached[id(r)]
+
     for epoch in range(epochs):
-        live = [r for r in runs if not reached[id(r)]]
-        slices = {id(r): r.epoch(epoch, evals_per_epoch) for r in live}
-        turn = 0
-        while live:
-            start = turn % len(live)
-            for r in live[start:] + live[:start]:
-                more = next(slices[id(r)], StopIteration) is not StopIteration
-                _, accuracy, _ = evaluate(r.model, test_set)  # outside the clock: Run times only its slices
-                r.model.train()
-                curves[id(r)].append([r.train_seconds, r.steps_done / r.steps_per_epoch, accuracy])
-                if accuracy >= target:
-                    reached[id(r)] = True
-                    slices[id(r)].close()
-                    more = False
-                if not more:
-                    live = [x for x in live if x is not r]
-            turn += 1
+        end_to_end.interleave([r for r in runs if not reached[id(r)]], epoch, evals_per_epoch, evaluate_and_stop)
     rows = []
     for r in runs:
         seconds, epochs_done, accuracy = curves[id(r)][-1]
