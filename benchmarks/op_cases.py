@@ -1,4 +1,4 @@
-"""Per-op benchmark cases at LeNet's shapes: each fused op against its stock composite.
+"""Per-op benchmark cases at LeNet's shapes: each op of lenet_fast.ops.OPS against its stock composite.
 
 A case builds its inputs for a batch size and returns callables for "forward" and
 "forward+backward" per contender, so the suite (benchmarks.run) and the
@@ -11,9 +11,10 @@ import dataclasses
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from lenet_fast import ops
+from lenet_fast import backends, ops
+from lenet_fast.model import CONV_STAGES, HEAD_STAGES, IMAGE_SHAPE, NUM_CLASSES
+from lenet_fast.ops import OpDef
 
 BATCHES = (64, 256, 1024)
 
@@ -21,15 +22,33 @@ BATCHES = (64, 256, 1024)
 @dataclasses.dataclass
 class OpCase:
     name: str          # e.g. "conv3x3_relu_maxpool2x2/conv1"
-    op: str            # lenet_fast.ops function name
+    op: OpDef          # the op of lenet_fast.ops.OPS
     make_inputs: Callable[[int, torch.device], tuple]
-    stock: Callable    # the stock composite taking the same inputs
-    fused: Callable    # (backend) -> function taking the same inputs
+    args: Callable[..., tuple]  # inputs -> the op's arguments (lenet_fast.ops: the backend arguments)
+
+    def stock(self, *inputs):
+        """The op's stock composite (its `reference`): the loss alone for the head."""
+        return _first(self.op.reference(*self.args(*inputs)))
+
+    def fused(self, backend: str) -> Callable:
+        """The op on `backend`, as LeNet calls it (arguments already valid)."""
+        def run(*inputs):
+            impl = backends.implementation(backend, inputs[0].device, inputs[0].dtype)
+            return _first(impl.run(self.op, *self.args(*inputs)))
+        return run
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _generator():
+    return torch.Generator().manual_seed(0)
 
 
 def _conv_inputs(c_in, size, c_out, input_grad):
     def make(batch, device):
-        g = torch.Generator().manual_seed(0)
+        g = _generator()
         x = torch.randn(batch, c_in, size, size, generator=g).to(device).requires_grad_(input_grad)
         w = (torch.randn(c_out, c_in, 3, 3, generator=g) / (3 * c_in**0.5)).to(device).requires_grad_()
         b = (0.1 * torch.randn(c_out, generator=g)).to(device).requires_grad_()
@@ -39,14 +58,13 @@ def _conv_inputs(c_in, size, c_out, input_grad):
 
 def _pool_inputs(channels, size):
     def make(batch, device):
-        g = torch.Generator().manual_seed(0)
-        return (torch.randn(batch, channels, size, size, generator=g).to(device).requires_grad_(),)
+        return (torch.randn(batch, channels, size, size, generator=_generator()).to(device).requires_grad_(),)
     return make
 
 
 def _linear_inputs(n_in, n_out):
     def make(batch, device):
-        g = torch.Generator().manual_seed(0)
+        g = _generator()
         x = torch.randn(batch, n_in, generator=g).to(device).requires_grad_()
         w = (torch.randn(n_out, n_in, generator=g) / n_in**0.5).to(device).requires_grad_()
         b = (0.1 * torch.randn(n_out, generator=g)).to(device).requires_grad_()
@@ -54,55 +72,45 @@ def _linear_inputs(n_in, n_out):
     return make
 
 
-def _stock_linear(relu):
-    return lambda x, w, b: F.relu(F.linear(x, w, b)) if relu else F.linear(x, w, b)
-
-
 def _head_inputs(batch, device):
-    """LeNet's classifier head: x (N, 400), then (weight, bias) of fc1, fc2, fc3, then the labels."""
-    g = torch.Generator().manual_seed(0)
-    tensors, fan_in = [torch.randn(batch, 400, generator=g)], 400
-    for width in (120, 84, 10):
-        tensors += [torch.randn(width, fan_in, generator=g) / fan_in**0.5, 0.1 * torch.randn(width, generator=g)]
-        fan_in = width
+    """LeNet's classifier head: the features, then (weight, bias) per linear stage, then the labels."""
+    g = _generator()
+    fan_in = HEAD_STAGES[0].in_features
+    tensors = [torch.randn(batch, fan_in, generator=g)]
+    for stage in HEAD_STAGES:
+        tensors += [torch.randn(stage.out_features, fan_in, generator=g) / fan_in**0.5,
+                    0.1 * torch.randn(stage.out_features, generator=g)]
+        fan_in = stage.out_features
     tensors = [t.to(device).requires_grad_() for t in tensors]
-    return (*tensors, torch.randint(0, 10, (batch,), generator=g).to(device))
+    return (*tensors, torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device))
 
 
-def _stock_head(x, w1, b1, w2, b2, w3, b3, target):
-    h = F.relu(F.linear(F.relu(F.linear(x, w1, b1)), w2, b2))
-    return F.cross_entropy(F.linear(h, w3, b3), target)
+def _cases() -> list[OpCase]:
+    """Every op at the shapes LeNet (lenet_fast.model.STAGES) gives it."""
+    cases, size = [], IMAGE_SHAPE[-1]
+    for i, stage in enumerate(CONV_STAGES):
+        # LeNet's first layer needs no input gradient (the images are data).
+        conv = _conv_inputs(stage.in_channels, size, stage.out_channels, input_grad=i > 0)
+        conv_args = lambda x, w, b, pad=stage.padding: (x, w, b, pad)  # noqa: E731
+        conv_size = size + 2 * stage.padding - 2
+        cases += [OpCase(f"conv3x3_relu/{stage.name}", ops.CONV3X3_RELU, conv, conv_args),
+                  OpCase(f"maxpool2x2/pool{i + 1}", ops.MAXPOOL2X2, _pool_inputs(stage.out_channels, conv_size),
+                         lambda x: (x,)),
+                  OpCase(f"conv3x3_relu_maxpool2x2/{stage.name}", ops.CONV3X3_RELU_MAXPOOL2X2, conv, conv_args)]
+        size = conv_size // 2
+    for stage in HEAD_STAGES:
+        cases.append(OpCase(f"linear{'_relu' if stage.relu else ''}/{stage.name}", ops.LINEAR,
+                            _linear_inputs(stage.in_features, stage.out_features),
+                            lambda x, w, b, relu=stage.relu: (x, w, b, relu)))
+    # The linear stages and the cross-entropy loss: one op against five stock ones.
+    cases.append(OpCase("mlp_cross_entropy/head", ops.MLP_CROSS_ENTROPY, _head_inputs,
+                        lambda x, *params_target: (x, list(params_target[0:-1:2]), list(params_target[1:-1:2]),
+                                                   params_target[-1])))
+    cases.sort(key=lambda case: ops.OPS.index(case.op))
+    return cases
 
 
-CASES = [
-    # LeNet's first layer needs no input gradient (the images are data).
-    OpCase("conv3x3_relu/conv1", "conv3x3_relu", _conv_inputs(1, 28, 6, False),
-           lambda x, w, b: F.relu(F.conv2d(x, w, b)),
-           lambda be: lambda x, w, b: ops.conv3x3_relu(x, w, b, backend=be)),
-    OpCase("conv3x3_relu/conv2", "conv3x3_relu", _conv_inputs(6, 13, 16, True),
-           lambda x, w, b: F.relu(F.conv2d(x, w, b)),
-           lambda be: lambda x, w, b: ops.conv3x3_relu(x, w, b, backend=be)),
-    OpCase("maxpool2x2/pool1", "maxpool2x2", _pool_inputs(6, 26),
-           lambda x: F.max_pool2d(x, 2), lambda be: lambda x: ops.maxpool2x2(x, backend=be)),
-    OpCase("maxpool2x2/pool2", "maxpool2x2", _pool_inputs(16, 11),
-           lambda x: F.max_pool2d(x, 2), lambda be: lambda x: ops.maxpool2x2(x, backend=be)),
-    OpCase("conv3x3_relu_maxpool2x2/conv1", "conv3x3_relu_maxpool2x2", _conv_inputs(1, 28, 6, False),
-           lambda x, w, b: F.max_pool2d(F.relu(F.conv2d(x, w, b)), 2),
-           lambda be: lambda x, w, b: ops.conv3x3_relu_maxpool2x2(x, w, b, backend=be)),
-    OpCase("conv3x3_relu_maxpool2x2/conv2", "conv3x3_relu_maxpool2x2", _conv_inputs(6, 13, 16, True),
-           lambda x, w, b: F.max_pool2d(F.relu(F.conv2d(x, w, b)), 2),
-           lambda be: lambda x, w, b: ops.conv3x3_relu_maxpool2x2(x, w, b, backend=be)),
-    OpCase("linear_relu/fc1", "linear", _linear_inputs(400, 120), _stock_linear(True),
-           lambda be: lambda x, w, b: ops.linear(x, w, b, relu=True, backend=be)),
-    OpCase("linear_relu/fc2", "linear", _linear_inputs(120, 84), _stock_linear(True),
-           lambda be: lambda x, w, b: ops.linear(x, w, b, relu=True, backend=be)),
-    OpCase("linear/fc3", "linear", _linear_inputs(84, 10), _stock_linear(False),
-           lambda be: lambda x, w, b: ops.linear(x, w, b, relu=False, backend=be)),
-    # fc1 + ReLU, fc2 + ReLU, fc3 and the cross-entropy loss: one op against five stock ones.
-    OpCase("mlp_cross_entropy/head", "mlp_cross_entropy", _head_inputs, _stock_head,
-           lambda be: lambda x, w1, b1, w2, b2, w3, b3, t: ops.mlp_cross_entropy(
-               x, [w1, w2, w3], [b1, b2, b3], t, backend=be)[0]),
-]
+CASES = _cases()
 
 
 def runners(fn: Callable, inputs: tuple) -> dict[str, Callable[[], object]]:

@@ -51,7 +51,7 @@ def fast_backends(device: torch.device) -> list[str]:
     for name in ("ext", "triton"):
         if device.type == "cpu" and name == "triton":
             continue  # the interpreter is for correctness only
-        if backends.get_backend(name).unavailable_reason(device.type) is None:
+        if backends.unavailable_reason(name, device.type) is None:
             names.append(name)
     return names
 

@@ -1,87 +1,153 @@
-"""Backend registry: which implementation of the fused ops runs.
+"""The backends: which implementation of the fused ops runs, as classes a reader can follow.
 
-A backend is a name plus a loader. The loader imports the backend's module and
-returns an object (usually the module itself) with these functions::
+    Backend              the interface: run(op, *args), backward(loss), count_correct(...),
+                         train_step(model, optimizer, x, y)
+    ├─ TorchBackend      stock torch.nn.functional: each op's `reference` (lenet_fast.ops)
+    └─ KernelBackend     the ops registered as lenet_fast::<prefix>_<name> (and _backward)
+       ├─ TritonBackend  Triton kernels (kernels/<name>.py), registered by lenet_fast.triton_backend
+       └─ ExtBackend     the C++/CUDA extension (csrc/<name>.cpp), registered by lenet_fast.ext_backend
 
-    conv3x3_relu(x, weight, bias, padding) -> Tensor
-    maxpool2x2(x) -> Tensor
-    conv3x3_relu_maxpool2x2(x, weight, bias, padding) -> Tensor
-    linear(x, weight, bias, relu) -> Tensor          # x is 2-D here
-    mlp_cross_entropy(x, weights, biases, target) -> (loss, logits)
+Every op is one `lenet_fast.ops.OpDef`: a backend runs any op of `lenet_fast.ops.OPS`
+with `run(op, *args)` on arguments that `lenet_fast.ops` already validated (ranks,
+shapes, devices, dtypes), and returns the op's public outputs.  Gradients flow
+through (autograd).
 
-Inputs reaching these functions were already validated by `lenet_fast.ops`
-(ranks, shapes, devices, dtypes), so implementations contain only the math.
-`bias` may be None.  Gradients must flow through them (autograd).
-
-Adding a backend is one call to `register_backend` in the module that owns it;
-the model, the ops and the CLIs pick it up by name.
+`resolve` / `implementation` turn a name ("auto", "torch", "triton", "ext") into a
+backend for a device and dtype; "auto" takes the first usable one of `AUTO_ORDER`.
+A backend of your own: subclass `Backend`, then `register_backend(YourBackend())`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-from typing import Callable, Iterable
+import os
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import torch
 
-OP_NAMES = ("conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear", "mlp_cross_entropy")
+if TYPE_CHECKING:
+    from .ops import OpDef
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend exists but cannot run here (the message says why)."""
 
 
-@dataclasses.dataclass
+def _cuda_reason(device_type: str) -> str | None:
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False (no NVIDIA GPU or driver)"
+    return None
+
+
 class Backend:
-    name: str
-    description: str
-    # Device types ("cpu", "cuda") this backend can run on, in principle.
-    device_types: tuple[str, ...]
-    # Imports the implementation; raises BackendUnavailableError (or ImportError) with a reason.
-    loader: Callable[[], object]
-    # dtypes the kernels accept.
-    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
-    # Returns None when `device_type` can be used now, else the reason it cannot.
-    device_check: Callable[[str], str | None] = lambda device_type: None
-    _impl: object | None = dataclasses.field(default=None, repr=False)
-    _error: str | None = dataclasses.field(default=None, repr=False)
+    """An implementation of every op of lenet_fast.ops.OPS, and the training-step helpers."""
 
-    def load(self) -> object:
-        """The implementation module; raises BackendUnavailableError with the reason."""
-        if self._impl is None and self._error is None:
-            try:
-                impl = self.loader()
-                missing = [op for op in OP_NAMES if not callable(getattr(impl, op, None))]
-                if missing:
-                    raise BackendUnavailableError(f"it does not implement {', '.join(missing)}")
-                self._impl = impl
-            except (ImportError, OSError, BackendUnavailableError) as exc:
-                self._error = str(exc) or type(exc).__name__
-        if self._impl is None:
-            raise BackendUnavailableError(f"backend {self.name!r} is unavailable: {self._error}")
-        return self._impl
+    name: ClassVar[str]
+    description: ClassVar[str]
+    device_types: ClassVar[tuple[str, ...]] = ("cpu", "cuda")   # where it can run, in principle
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)  # what its kernels take
 
-    def unavailable_reason(self, device_type: str | None = None) -> str | None:
-        """None if usable (on `device_type`, or on any device when None), else why not."""
-        try:
-            self.load()
-        except BackendUnavailableError as exc:
-            return str(exc)
-        types = self.device_types if device_type is None else (device_type,)
-        reasons = []
-        for dt in types:
-            if dt not in self.device_types:
-                reasons.append(f"backend {self.name!r} has no {dt} kernels")
-                continue
-            why = self.device_check(dt)
-            if why is None:
-                return None
-            reasons.append(f"backend {self.name!r} cannot run on {dt}: {why}")
-        return "; ".join(reasons)
+    def load(self) -> None:
+        """Import what the backend needs; raise ImportError / BackendUnavailableError with the reason."""
 
+    def device_reason(self, device_type: str) -> str | None:
+        """None when `device_type` can be used now, else why not."""
+        return _cuda_reason(device_type)
+
+    def run(self, op: OpDef, *args: Any) -> Any:
+        """The public outputs of `op` on validated arguments (see lenet_fast.ops)."""
+        raise NotImplementedError
+
+    # -- the training step: torch's own helpers unless a backend has faster ones ----------
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def count_correct(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(logits.argmax(1) == target).sum(), on the device."""
+        return (logits.argmax(1) == target).sum()  # argmax records no graph
+
+    def train_step(self, model, optimizer, x: torch.Tensor, y: torch.Tensor):
+        """A whole training step in fewer launches, as (loss, correct), or None when this
+        backend has none for these arguments (then nothing was done and the caller runs
+        the step op by op)."""
+        return None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    description = "stock torch.nn.functional (the reference)"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+    def run(self, op: OpDef, *args: Any) -> Any:
+        return op.reference(*args)
+
+
+class KernelBackend(Backend):
+    """A backend whose ops are the custom ops lenet_fast::<prefix>_<name>, registered by
+    importing `module`, with the backward contract of lenet_fast.ops."""
+
+    prefix: ClassVar[str]
+    module: ClassVar[str]
+
+    def load(self) -> None:
+        from .ops import OPS
+
+        importlib.import_module(self.module)  # registers the ops
+        names = {op.name: f"{self.prefix}_{op.name}" for op in OPS}
+        missing = [name for name in names.values() if not hasattr(torch.ops.lenet_fast, name)]
+        if missing:
+            raise BackendUnavailableError(f"{self.module} does not register {', '.join(missing)}")
+        self._ops = {op: getattr(torch.ops.lenet_fast, name).default for op, name in names.items()}
+
+    def run(self, op: OpDef, *args: Any) -> Any:
+        return op.public(self._ops[op.name](*args))
+
+
+class TritonBackend(KernelBackend):
+    name = "triton"
+    description = "fused Triton kernels (kernels/), registered with torch.library.triton_op"
+    prefix, module = "triton", "lenet_fast.triton_backend"
+
+    def device_reason(self, device_type: str) -> str | None:
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (slow; for testing)"
+        return _cuda_reason(device_type)
+
+
+class ExtBackend(KernelBackend):
+    name = "ext"
+    description = "C++/CUDA extension lenet_fast._C (csrc/): multi-threaded CPU kernels and CUDA kernels"
+    dtypes = (torch.float32, torch.float64)
+    prefix, module = "ext", "lenet_fast.ext_backend"
+
+    def load(self) -> None:
+        super().load()
+        ext = torch.ops.lenet_fast
+        self._backward, self._count_correct = ext.run_backward.default, ext.ext_count_correct.default
+        self._has_cuda = importlib.import_module(self.module).HAS_CUDA_KERNELS
+
+    def device_reason(self, device_type: str) -> str | None:
+        why = _cuda_reason(device_type)
+        if why is None and device_type == "cuda" and not self._has_cuda:
+            why = "the extension was built without CUDA kernels (no CUDA toolkit at build time)"
+        return why
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._backward(loss)  # the same engine run, started from C++ without torch.autograd.backward's Python
+
+    def count_correct(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._count_correct(logits, target)  # one op instead of three
+
+    def train_step(self, model, optimizer, x: torch.Tensor, y: torch.Tensor):
+        from .fused_step import ext_sgd_step
+
+        return ext_sgd_step(model, optimizer, x, y)
+
+
+# --------------------------------------------------------------------------- the registry
 
 _REGISTRY: dict[str, Backend] = {}
+_LOADED: dict[str, str | None] = {}  # name -> None when loaded, else why it failed
 # What "auto" picks per device type: the fastest measured path first, for training and for
 # inference alike (the same backend won both), then the fallbacks; the first backend usable
 # for the tensors' dtype wins.  The runs that decided it: docs/auto-backend.md.
@@ -89,12 +155,13 @@ AUTO_ORDER = {"cpu": ["ext", "torch"], "cuda": ["ext", "triton", "torch"]}
 # The same, with backends registered later (register_backend's auto_priority) placed in it.
 _AUTO_ORDER: dict[str, list[str]] = {device_type: list(order) for device_type, order in AUTO_ORDER.items()}
 # implementation()'s answers, per (name, device, dtype) as its callers pass them.
-_IMPLEMENTATIONS: dict[tuple, object] = {}
+_IMPLEMENTATIONS: dict[tuple, Backend] = {}
 
 
 def register_backend(backend: Backend, *, auto_priority: dict[str, int] | None = None) -> None:
     """Add a backend. `auto_priority` maps device type -> rank for "auto" (lower wins)."""
     _REGISTRY[backend.name] = backend
+    _LOADED.pop(backend.name, None)
     _IMPLEMENTATIONS.clear()
     for device_type, rank in (auto_priority or {}).items():
         order = _AUTO_ORDER.setdefault(device_type, [])
@@ -113,6 +180,29 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
+    """None if backend `name` can run (on `device_type`, or on any device when None), else why not."""
+    backend = get_backend(name)
+    if name not in _LOADED:
+        try:
+            backend.load()
+            _LOADED[name] = None
+        except (ImportError, OSError, BackendUnavailableError) as exc:
+            _LOADED[name] = str(exc) or type(exc).__name__
+    if _LOADED[name] is not None:
+        return f"backend {name!r} is unavailable: {_LOADED[name]}"
+    reasons = []
+    for dt in backend.device_types if device_type is None else (device_type,):
+        if dt not in backend.device_types:
+            reasons.append(f"backend {name!r} has no {dt} kernels")
+            continue
+        why = backend.device_reason(dt)
+        if why is None:
+            return None
+        reasons.append(f"backend {name!r} cannot run on {dt}: {why}")
+    return "; ".join(reasons)
+
+
 def resolve(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The concrete backend name that `name` means for tensors on `device` of `dtype`.
 
@@ -124,15 +214,13 @@ def resolve(name: str, device: torch.device | str, dtype: torch.dtype | None = N
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device_type, []):
             backend = _REGISTRY.get(candidate)
-            if backend is None:
+            if backend is None or (dtype is not None and dtype not in backend.dtypes):
                 continue
-            if dtype is not None and dtype not in backend.dtypes:
-                continue
-            if backend.unavailable_reason(device_type) is None:
+            if unavailable_reason(candidate, device_type) is None:
                 return candidate
         raise BackendUnavailableError(f"no backend can run on {device_type} tensors of dtype {dtype}")
     backend = get_backend(name)
-    why = backend.unavailable_reason(device_type)
+    why = unavailable_reason(name, device_type)
     if why is not None:
         raise BackendUnavailableError(why)
     if dtype is not None and dtype not in backend.dtypes:
@@ -142,8 +230,8 @@ def resolve(name: str, device: torch.device | str, dtype: torch.dtype | None = N
     return name
 
 
-def implementation(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> object:
-    """The implementation object of the resolved backend (see module docstring).
+def implementation(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> Backend:
+    """The backend that `name` means for tensors on `device` of `dtype`, loaded.
 
     Called on every op, so the answer is cached per (name, device, dtype): what
     runs where does not change within a process (registering a backend clears
@@ -152,11 +240,11 @@ def implementation(name: str, device: torch.device | str, dtype: torch.dtype | N
     the Python time of a small op.  Failures are not cached, and re-raise each time.
     """
     key = (name, device, dtype)
-    impl = _IMPLEMENTATIONS.get(key)
-    if impl is None:
-        impl = _REGISTRY[resolve(name, device, dtype)].load()
-        _IMPLEMENTATIONS[key] = impl
-    return impl
+    backend = _IMPLEMENTATIONS.get(key)
+    if backend is None:
+        backend = _REGISTRY[resolve(name, device, dtype)]
+        _IMPLEMENTATIONS[key] = backend
+    return backend
 
 
 def available_backends(device_types: Iterable[str] = ("cpu", "cuda")) -> dict[str, dict[str, object]]:
@@ -169,7 +257,7 @@ def available_backends(device_types: Iterable[str] = ("cpu", "cuda")) -> dict[st
     for name, backend in _REGISTRY.items():
         devices, reasons = [], []
         for device_type in device_types:
-            why = backend.unavailable_reason(device_type)
+            why = unavailable_reason(name, device_type)
             if why is None:
                 devices.append(device_type)
             else:
@@ -183,69 +271,5 @@ def available_backends(device_types: Iterable[str] = ("cpu", "cuda")) -> dict[st
     return report
 
 
-def _cuda_check(device_type: str) -> str | None:
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return "torch.cuda.is_available() is False (no NVIDIA GPU or driver)"
-    return None
-
-
-def _import(module: str) -> Callable[[], object]:
-    return lambda: importlib.import_module(module)
-
-
-# --- the built-in backends -------------------------------------------------
-register_backend(
-    Backend(
-        name="torch",
-        description="stock torch.nn.functional (the reference)",
-        device_types=("cpu", "cuda"),
-        loader=_import("lenet_fast.torch_backend"),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-        device_check=_cuda_check,
-    ),
-)
-
-
-def _triton_check(device_type: str) -> str | None:
-    if device_type == "cpu":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (slow; for testing)"
-        return None
-    return _cuda_check(device_type)
-
-
-register_backend(
-    Backend(
-        name="triton",
-        description="fused Triton kernels (kernels/), registered with torch.library.triton_op",
-        device_types=("cpu", "cuda"),
-        loader=_import("lenet_fast.triton_backend"),
-        dtypes=(torch.float32,),
-        device_check=_triton_check,
-    ),
-)
-
-
-def _ext_check(device_type: str) -> str | None:
-    if device_type == "cuda":
-        why = _cuda_check(device_type)
-        if why is not None:
-            return why
-        if not importlib.import_module("lenet_fast.ext_backend").HAS_CUDA_KERNELS:
-            return "the extension was built without CUDA kernels (no CUDA toolkit at build time)"
-    return None
-
-
-register_backend(
-    Backend(
-        name="ext",
-        description="C++/CUDA extension lenet_fast._C (csrc/): multi-threaded CPU kernels and CUDA kernels",
-        device_types=("cpu", "cuda"),
-        loader=_import("lenet_fast.ext_backend"),
-        dtypes=(torch.float32, torch.float64),
-        device_check=_ext_check,
-    ),
-)
-
+for _backend in (TorchBackend(), TritonBackend(), ExtBackend()):
+    register_backend(_backend)

@@ -15,48 +15,37 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from . import backends, fused_step
+from .backends import Backend
 from .cuda_graph import GraphedTrainStep
 from .model import LeNet
-
-
-def _count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(1) == y).sum()  # argmax records no graph
-
-
-def _step_helpers(model: LeNet, x: torch.Tensor):
-    """(backward, count_correct) of the backend `model` runs on for x: a backend may offer
-    its own (the ext backend starts loss.backward() from C++, without
-    torch.autograd.backward's Python, and counts correct predictions with one op instead of
-    three: csrc/register.cpp, csrc/count_correct.cpp); otherwise torch's."""
-    impl = backends.implementation(model.backend, x.device, x.dtype)
-    return getattr(impl, "run_backward", torch.Tensor.backward), getattr(impl, "count_correct", _count_correct)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                fused: bool = True):
     """One training step; returns (loss, number of correct predictions), both on the device.
 
-    With `fused` (the default), an ext LeNet on the CPU trained by FusedSGD takes the whole
-    step as one op, bitwise the same as the eager step (lenet_fast.fused_step says when).
+    A LeNet runs on its backend (`lenet_fast.backends.Backend`): with `fused` (the default)
+    the backend's whole-step path where it has one (the ext backend on the CPU: one op,
+    bitwise the same as the eager step), else forward with the fused head + loss, the
+    backend's backward and count, and the optimizer.
     """
-    if isinstance(model, LeNet):  # classifier head + loss as one fused op; step helpers above
-        done = fused_step.sgd_step(model, optimizer, x, y) if fused else None
+    if isinstance(model, LeNet) and isinstance(x, torch.Tensor):
+        backend = model.implementation()
+        done = backend.train_step(model, optimizer, x, y) if fused else None
         if done is not None:
             return done
         loss, logits = model.forward_with_loss(x, y)
-        backward, count_correct = _step_helpers(model, x)
         optimizer.zero_grad(set_to_none=True)
-        backward(loss)
+        backend.backward(loss)
         optimizer.step()
-        return loss.detach(), count_correct(logits, y)
+        return loss.detach(), backend.count_correct(logits, y)
     # The stock step (the benchmarks time stock models through here).
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), _count_correct(logits, y)
+    return loss.detach(), Backend.count_correct(None, logits, y)
 
 
 def learning_rate(peak: float, step: int, total_steps: int) -> float:

@@ -37,11 +37,11 @@ def backend_device(request):
     backend, device = request.param
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    why = backends.get_backend(backend).unavailable_reason(device)
+    why = backends.unavailable_reason(backend, device)
     if why is not None:
         # A required backend may be missing on one device (Triton on CPU needs the
         # interpreter, which a GPU run turns off) but not on every device.
-        if backend in REQUIRED and backends.get_backend(backend).unavailable_reason() is not None:
+        if backend in REQUIRED and backends.unavailable_reason(backend) is not None:
             pytest.fail(f"required backend {backend!r} is unavailable here: {why}")
         pytest.skip(why)
     return backend, device

@@ -1,7 +1,5 @@
 """The backend registry: resolution, "auto", reporting, and how a new backend plugs in."""
 
-import types
-
 import pytest
 import torch
 
@@ -30,7 +28,7 @@ def test_cuda_is_reported_missing_without_a_gpu():
 
 def test_auto_resolves_to_a_usable_backend():
     name = backends.resolve("auto", "cpu", torch.float32)
-    assert backends.get_backend(name).unavailable_reason("cpu") is None
+    assert backends.unavailable_reason(name, "cpu") is None
 
 
 def test_auto_skips_backends_without_the_dtype():
@@ -46,35 +44,37 @@ def test_unknown_backend_name():
 
 
 def test_a_new_backend_is_one_registration(monkeypatch):
-    """Registering an implementation object is all it takes for ops (and so LeNet) to use it."""
+    """A Backend subclass and one register_backend call are all it takes for the ops (and so
+    LeNet) to use it."""
     calls = []
-    reference = backends.get_backend("torch").load()
 
-    def counting(op_name):
-        def run(*args):
-            calls.append(op_name)
-            return getattr(reference, op_name)(*args)
-        return run
+    class Counting(backends.TorchBackend):
+        name, description = "counting", "test"
+        device_types = ("cpu",)
 
-    impl = types.SimpleNamespace(**{op: counting(op) for op in backends.OP_NAMES})
+        def run(self, op, *args):
+            calls.append(op.name)
+            return super().run(op, *args)
+
     monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
     monkeypatch.setattr(backends, "_AUTO_ORDER", {k: list(v) for k, v in backends._AUTO_ORDER.items()})
-    backends.register_backend(
-        backends.Backend(name="counting", description="test", device_types=("cpu",), loader=lambda: impl)
-    )
+    backends.register_backend(Counting())
     model = lenet_fast.LeNet(backend="counting")
     out = model(torch.zeros(2, 1, 28, 28))
     assert out.shape == (2, 10)
     assert calls == ["conv3x3_relu_maxpool2x2"] * 2 + ["linear"] * 3
+    assert ops.maxpool2x2(torch.zeros(1, 1, 2, 2), backend="counting").shape == (1, 1, 1, 1)
+    assert calls[-1] == "maxpool2x2"
 
 
-def test_backend_missing_an_op_is_unavailable_with_reason(monkeypatch):
+def test_kernel_backend_missing_an_op_is_unavailable_with_reason(monkeypatch):
+    class Partial(backends.KernelBackend):
+        name, description = "partial", "test"
+        prefix, module = "nothing_registered", "lenet_fast.ops"
+
     monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
-    backends.register_backend(
-        backends.Backend(name="partial", description="test", device_types=("cpu",),
-                         loader=lambda: types.SimpleNamespace(linear=lambda *a: None))
-    )
-    with pytest.raises(lenet_fast.BackendUnavailableError, match="does not implement conv3x3_relu, maxpool2x2"):
+    backends.register_backend(Partial())
+    with pytest.raises(lenet_fast.BackendUnavailableError, match="does not register nothing_registered_conv3x3_relu"):
         ops.maxpool2x2(torch.zeros(1, 1, 2, 2), backend="partial")
 
 

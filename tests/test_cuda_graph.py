@@ -55,7 +55,7 @@ def test_graphed_epoch_with_a_remainder_batch_is_bitwise_eager_training(backend)
     read from a tensor) over two shuffled epochs of 100 samples in batches of 32 (the last
     batch has 4) gives bitwise the parameters, losses and counts of plain eager training
     with a float learning rate (on the CPU with ext: the one-op step)."""
-    if backends.get_backend(backend).unavailable_reason("cpu"):
+    if backends.unavailable_reason(backend, "cpu"):
         pytest.skip(f"{backend} is not available")
     g = torch.Generator().manual_seed(2)
     split = data.DeviceData(torch.randn(100, 1, 28, 28, generator=g), torch.randint(0, 10, (100,), generator=g))
