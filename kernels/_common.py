@@ -2,6 +2,10 @@
 and the few @triton.jit helpers that two or more ops need (ReLU, its gradient,
 the 2x2 max-pool comparison, and the im2col gather of a 3x3 convolution).
 
+Each op's file (kernels/<name>.py) holds its kernels, their launch wrappers and
+the two entry points of the backward contract of lenet_fast.ops, `forward` and
+`backward`, which lenet_fast.triton_backend registers as the op's triton_ops.
+
 Conventions used by every kernel in this package:
 
 * Tensors are contiguous NCHW (or row-major 2-D) fp32; the launch wrappers make
@@ -184,6 +188,12 @@ def relu_grad(grad, out):
     # torch's threshold_backward zeroes the gradient where out <= 0; a NaN
     # output lets the gradient through, and so does this.
     return tl.where(out <= 0, 0.0, grad)
+
+
+# The pooling ops' code for "ReLU blocks the gradient" (lenet_fast.ops, the backward
+# contract): beside the winner's place 0..3 in the window, it matches no place, so a
+# backward kernel's `code == place` selection drops such an element.
+RELU_BLOCKED = tl.constexpr(4)
 
 
 @triton.jit

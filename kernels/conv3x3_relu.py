@@ -1,5 +1,8 @@
 """relu(conv2d(x, weight, bias, padding)) for a 3x3 kernel, stride 1, and its gradients.
 
+    forward(x, weight, bias, padding) -> out
+    backward(grad_out, out, x, weight, padding, input_grad, weight_grad) -> (grad_x, grad_w, grad_b)
+
 The convolution is an implicit GEMM: out[co, p] = W[co, j] @ X[j, p] where
 j = ci*9 + kh*3 + kw runs over the Cin*9 taps and X is the im2col matrix, which
 is gathered tile by tile from x and never materialised.  The backward pass is
@@ -150,8 +153,7 @@ def conv3x3_relu_bwd_input_kernel(
 # --------------------------------------------------------------------------- launch wrappers
 
 
-def conv3x3_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         padding: int) -> torch.Tensor:
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
     """relu(conv2d(x, weight, bias, padding=padding)); x (N, Cin, H, W) fp32."""
     x, weight = x.contiguous(), weight.contiguous()
     N, C_in, H, W = x.shape
@@ -172,8 +174,8 @@ def conv3x3_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out
 
 
-def conv3x3_relu_backward_params(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
-                                 padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_params(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                     padding: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_weight, grad_bias) from grad_out, the saved output and the input."""
     grad, out, x = grad.contiguous(), out.contiguous(), x.contiguous()
     N, C_in, H, W = x.shape
@@ -197,8 +199,7 @@ def conv3x3_relu_backward_params(grad: torch.Tensor, out: torch.Tensor, x: torch
     return gw_part.sum(0).view(C_out, C_in, 3, 3).to(x.dtype), gb_part.sum(0).to(x.dtype)
 
 
-def conv3x3_relu_backward_input(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
-                                padding: int) -> torch.Tensor:
+def _backward_input(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
     """grad_input from grad_out, the saved output and the weight."""
     grad, out, weight = grad.contiguous(), out.contiguous(), weight.contiguous()
     N, C_out, OH, OW = out.shape
@@ -219,3 +220,10 @@ def conv3x3_relu_backward_input(grad: torch.Tensor, out: torch.Tensor, weight: t
     return gx
 
 
+def backward(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int,
+             input_grad: bool, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias); those not asked for come back empty, and their kernels
+    are not launched (LeNet's first layer needs no input gradient)."""
+    grad_x = _backward_input(grad_out, out, weight, padding) if input_grad else x.new_empty(0)
+    grad_w, grad_b = _backward_params(grad_out, out, x, padding) if weight_grad else (x.new_empty(0), x.new_empty(0))
+    return grad_x, grad_w, grad_b

@@ -1,19 +1,26 @@
 """max_pool2d(relu(conv2d(x, weight, bias, padding)), 2) in one kernel, and its gradients.
 
+    forward(x, weight, bias, padding) -> (out, code)
+    backward(grad_out, code, x, weight, padding, input_grad, weight_grad) -> (grad_x, grad_w, grad_b)
+
 Forward: each program owns a tile of pooled pixels.  For each of the four
 window positions it computes the convolution there (the implicit GEMM of
 conv3x3_relu.py, on the im2col tile shifted by (dy, dx)), applies bias and
 ReLU, and folds the result into a running 2x2 max.  The full-resolution
-convolution output never reaches memory: only the pooled output and the int8
-winner position (0..3, row-major in the window) are written.
+convolution output never reaches memory: only the pooled output and a uint8
+code per pooled element are written: the winner's position 0..3 (row-major in
+the window), or RELU_BLOCKED (4) where ReLU blocks the gradient.  That is
+where the pooled output is <= 0 (relu(max) == max(relu), and torch's
+threshold_backward zeroes where `out <= 0`; a NaN output lets the gradient
+through), so the backward kernels never read the pooled output.
 
 Backward: the gradient of the convolution output is non-zero only at each
-window's winner, where it equals grad_pooled masked by ReLU.  ReLU's mask at
-the winner is recovered from the pooled output (relu(max) == max(relu), and
-torch's mask is `out <= 0 -> 0`), so nothing at full resolution is saved.
-Both gradient kernels rebuild that sparse gradient on the fly:
+window's winner, where it equals grad_pooled unless ReLU blocks it.  Both
+gradient kernels rebuild that sparse gradient on the fly from the codes (a
+code of 4 matches no window position, so selecting `code == pos` applies
+ReLU's mask too):
 
-    grad_weight[co, j] = sum_{p, pos}  [winner(co, p) == pos] * gm[co, p] * X_pos[j, p]
+    grad_weight[co, j] = sum_{p, pos}  [code(co, p) == pos] * g[co, p] * X_pos[j, p]
     grad_input[ci, q]  = sum_{co,kh,kw} W[co, ci, kh, kw] * gconv[co, q - (kh, kw) + pad]
 """
 
@@ -22,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    RELU_BLOCKED,
     conv_forward_config,
     conv_input_grad_config,
     conv_weight_grad_config,
@@ -31,7 +39,6 @@ from ._common import (
     pool_update,
     reduction_split,
     relu,
-    relu_grad,
     split_pixel,
 )
 
@@ -87,13 +94,14 @@ def conv3x3_relu_maxpool2x2_fwd_kernel(
     offs = (n * C_out * (PH * PW) + r)[None, :] + (co * (PH * PW))[:, None]
     mask = valid_co[:, None] & valid_p[None, :]
     tl.store(out_ptr + offs, best, mask=mask)
-    tl.store(idx_ptr + offs, pos.to(tl.int8), mask=mask)
+    # ReLU's gradient mask, as torch's threshold_backward: blocked where out <= 0 (not for NaN).
+    tl.store(idx_ptr + offs, tl.where(best <= 0, RELU_BLOCKED, pos).to(tl.uint8), mask=mask)
 
 
 # blocks_per_prog is often 1; specialising on it would only add a compiled variant.
 @triton.jit(do_not_specialize=["blocks_per_prog"])
 def conv3x3_relu_maxpool2x2_bwd_weight_kernel(
-    x_ptr, grad_ptr, out_ptr, idx_ptr, gw_part_ptr, gb_part_ptr,
+    x_ptr, grad_ptr, idx_ptr, gw_part_ptr, gb_part_ptr,
     n_pix, C_in, H, W, C_out, PH, PW, blocks_per_prog,
     PAD: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr,
@@ -117,11 +125,13 @@ def conv3x3_relu_maxpool2x2_bwd_weight_kernel(
         n, r, ph, pw = split_pixel(p, PH, PW)
         offs = (n * C_out * (PH * PW) + r)[None, :] + (co * (PH * PW))[:, None]
         mask = valid_co[:, None] & valid_p[None, :]
-        gm = relu_grad(tl.load(grad_ptr + offs, mask=mask, other=0.0), tl.load(out_ptr + offs, mask=mask, other=0.0))
-        winner = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int32)
+        winner = tl.load(idx_ptr + offs, mask=mask, other=RELU_BLOCKED).to(tl.int32)
+        # ReLU's mask, from the code; selected, not multiplied, so an inf/NaN gradient
+        # where ReLU blocks it adds nothing.
+        gm = tl.where(winner != RELU_BLOCKED, tl.load(grad_ptr + offs, mask=mask, other=0.0), 0.0)
         img_base = n * (C_in * H * W)
-        # Each (channel, pooled pixel) has one winner, so the four position
-        # GEMMs see disjoint parts of gm; 4x the FLOPs of a gather, no scatter.
+        # Each (channel, pooled pixel) has one winner (or none, code 4), so the four
+        # position GEMMs see disjoint parts of gm; 4x the FLOPs of a gather, no scatter.
         for k in tl.static_range(4):
             cols = im2col_3x3(x_ptr, img_base, 2 * ph + k // 2, 2 * pw + k % 2, valid_p, j, C_in, H, W, PAD)
             acc_w = tl.dot(tl.where(winner == k, gm, 0.0), tl.trans(cols), acc_w, input_precision=PRECISION)
@@ -136,7 +146,7 @@ def conv3x3_relu_maxpool2x2_bwd_weight_kernel(
 
 @triton.jit
 def conv3x3_relu_maxpool2x2_bwd_input_kernel(
-    grad_ptr, out_ptr, idx_ptr, w_ptr, gx_ptr,
+    grad_ptr, idx_ptr, w_ptr, gx_ptr,
     n_pix, C_in, H, W, C_out, PH, PW,
     PAD: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, PRECISION: tl.constexpr,
@@ -181,9 +191,9 @@ def conv3x3_relu_maxpool2x2_bwd_input_kernel(
                          mask=valid_ci[:, None] & valid_co[None, :], other=0.0)
             offs = window[None, :] + (co * (PH * PW))[:, None]
             m = valid_co[:, None] & valid[None, :]
-            winner = tl.load(idx_ptr + offs, mask=m, other=-1).to(tl.int32)
-            gm = relu_grad(tl.load(grad_ptr + offs, mask=m, other=0.0), tl.load(out_ptr + offs, mask=m, other=0.0))
-            gconv = tl.where(winner == pos[None, :], gm, 0.0)
+            winner = tl.load(idx_ptr + offs, mask=m, other=RELU_BLOCKED).to(tl.int32)
+            # Code 4 (ReLU blocks the gradient) matches no position: ReLU's mask is applied here.
+            gconv = tl.where(winner == pos[None, :], tl.load(grad_ptr + offs, mask=m, other=0.0), 0.0)
             tap_acc = tl.dot(wt, gconv, tap_acc, input_precision=PRECISION)
         acc += tl.where(on_image[None, :], tap_acc, 0.0)
 
@@ -194,15 +204,15 @@ def conv3x3_relu_maxpool2x2_bwd_input_kernel(
 # --------------------------------------------------------------------------- launch wrappers
 
 
-def conv3x3_relu_maxpool2x2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                    padding: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max_pool2d(relu(conv2d(x, weight, bias, padding)), 2), int8 winner position 0..3)."""
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_pool2d(relu(conv2d(x, weight, bias, padding)), 2), uint8 code: winner 0..3, or 4 where ReLU blocks)."""
     x, weight = x.contiguous(), weight.contiguous()
     N, C_in, H, W = x.shape
     C_out = weight.shape[0]
     PH, PW = (H + 2 * padding - 2) // 2, (W + 2 * padding - 2) // 2
     out = torch.empty((N, C_out, PH, PW), device=x.device, dtype=x.dtype)
-    idx = torch.empty((N, C_out, PH, PW), device=x.device, dtype=torch.int8)
+    idx = torch.empty((N, C_out, PH, PW), device=x.device, dtype=torch.uint8)
     if out.numel() == 0:
         return out, idx
     n_pix = N * PH * PW
@@ -219,12 +229,12 @@ def conv3x3_relu_maxpool2x2_forward(x: torch.Tensor, weight: torch.Tensor, bias:
     return out, idx
 
 
-def conv3x3_relu_maxpool2x2_backward_params(grad: torch.Tensor, out: torch.Tensor, idx: torch.Tensor,
-                                            x: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_weight, grad_bias) from grad_pooled, the saved pooled output and winners, and the input."""
-    grad, out, idx, x = grad.contiguous(), out.contiguous(), idx.contiguous(), x.contiguous()
+def _backward_params(grad: torch.Tensor, idx: torch.Tensor, x: torch.Tensor,
+                     padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_weight, grad_bias) from grad_pooled, the codes and the input."""
+    grad, idx, x = grad.contiguous(), idx.contiguous(), x.contiguous()
     N, C_in, H, W = x.shape
-    C_out, PH, PW = out.shape[1:]
+    C_out, PH, PW = idx.shape[1:]
     K = C_in * 9
     n_pix = N * PH * PW
     if n_pix == 0:
@@ -236,7 +246,7 @@ def conv3x3_relu_maxpool2x2_backward_params(grad: torch.Tensor, out: torch.Tenso
     grid = (splits, triton.cdiv(C_out, cfg["BLOCK_CO"]), triton.cdiv(K, cfg["BLOCK_J"]))
     launch(
         conv3x3_relu_maxpool2x2_bwd_weight_kernel, grid,
-        x, grad, out, idx, gw_part, gb_part,
+        x, grad, idx, gw_part, gb_part,
         n_pix, C_in, H, W, C_out, PH, PW, per_split,
         PAD=padding, PRECISION=dot_precision(), **cfg,
     )
@@ -244,14 +254,13 @@ def conv3x3_relu_maxpool2x2_backward_params(grad: torch.Tensor, out: torch.Tenso
     return gw_part.sum(0).view(C_out, C_in, 3, 3).to(x.dtype), gb_part.sum(0).to(x.dtype)
 
 
-def conv3x3_relu_maxpool2x2_backward_input(grad: torch.Tensor, out: torch.Tensor, idx: torch.Tensor,
-                                           weight: torch.Tensor, H: int, W: int,
-                                           padding: int) -> torch.Tensor:
-    """grad_input (N, Cin, H, W) from grad_pooled, the saved pooled output and winners, and the weight."""
-    grad, out, idx, weight = grad.contiguous(), out.contiguous(), idx.contiguous(), weight.contiguous()
-    N, C_out, PH, PW = out.shape
+def _backward_input(grad: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, H: int, W: int,
+                    padding: int) -> torch.Tensor:
+    """grad_input (N, Cin, H, W) from grad_pooled, the codes and the weight."""
+    grad, idx, weight = grad.contiguous(), idx.contiguous(), weight.contiguous()
+    N, C_out, PH, PW = idx.shape
     C_in = weight.shape[1]
-    gx = torch.empty((N, C_in, H, W), device=out.device, dtype=out.dtype)
+    gx = torch.empty((N, C_in, H, W), device=grad.device, dtype=grad.dtype)
     if gx.numel() == 0:
         return gx
     n_pix = N * H * W
@@ -259,8 +268,17 @@ def conv3x3_relu_maxpool2x2_backward_input(grad: torch.Tensor, out: torch.Tensor
     grid = (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(C_in, cfg["BLOCK_CI"]))
     launch(
         conv3x3_relu_maxpool2x2_bwd_input_kernel, grid,
-        grad, out, idx, weight, gx,
+        grad, idx, weight, gx,
         n_pix, C_in, H, W, C_out, PH, PW,
         PAD=padding, PRECISION=dot_precision(), **cfg,
     )
     return gx
+
+
+def backward(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int,
+             input_grad: bool, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias) from grad_pooled and the codes; those not asked for
+    come back empty, and their kernels are not launched."""
+    grad_x = _backward_input(grad_out, code, weight, *x.shape[-2:], padding) if input_grad else x.new_empty(0)
+    grad_w, grad_b = _backward_params(grad_out, code, x, padding) if weight_grad else (x.new_empty(0), x.new_empty(0))
+    return grad_x, grad_w, grad_b

@@ -1,5 +1,8 @@
 """y = x @ weight.T + bias, optionally followed by ReLU, and its gradients.
 
+    forward(x, weight, bias, relu) -> out                    x (M, K)
+    backward(grad_out, out, x, weight, relu, input_grad, weight_grad) -> (grad_x, grad_w, grad_b)
+
 Three tiled GEMMs with fp32 accumulation, one per kernel:
 
     forward       y[M, N]       = x[M, K] @ W[N, K]^T  (+ bias, ReLU)
@@ -125,7 +128,7 @@ def linear_config(M: int, N: int, K: int, on_gpu: bool = True) -> dict:
 # --------------------------------------------------------------------------- launch wrappers
 
 
-def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T + bias, then ReLU when `relu`."""
     x, weight = x.contiguous(), weight.contiguous()
     M, K = x.shape
@@ -143,7 +146,7 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y
 
 
-def linear_backward_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, relu: bool) -> torch.Tensor:
+def _backward_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, relu: bool) -> torch.Tensor:
     """grad_x (M, K) from grad_y, the saved output (for ReLU's mask) and the weight."""
     grad, y, weight = grad.contiguous(), y.contiguous(), weight.contiguous()
     M, N = y.shape
@@ -161,8 +164,8 @@ def linear_backward_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Ten
     return gx
 
 
-def linear_backward_params(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
-                           relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_params(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
+                     relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_weight (N, K), grad_bias (N,)) from grad_y, the saved output and the input."""
     grad, y, x = grad.contiguous(), y.contiguous(), x.contiguous()
     M, N = y.shape
@@ -180,3 +183,12 @@ def linear_backward_params(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
         RELU=relu, PRECISION=dot_precision(), **cfg,
     )
     return gw, gb
+
+
+def backward(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, relu: bool,
+             input_grad: bool, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias); those not asked for come back empty, and their kernels
+    are not launched."""
+    grad_x = _backward_input(grad_out, out, weight, relu) if input_grad else x.new_empty(0)
+    grad_w, grad_b = _backward_params(grad_out, out, x, relu) if weight_grad else (x.new_empty(0), x.new_empty(0))
+    return grad_x, grad_w, grad_b

@@ -1,4 +1,13 @@
-"""Mean cross-entropy of logits against class indices, and its gradient, in one pass.
+"""The classifier head and its loss: an MLP, then mean cross-entropy against class indices.
+
+    forward(x, weights, biases, target) -> (loss, logits, dlogits, hidden)
+    backward(grad_loss, grad_logits, dlogits, logits, x, weights, hidden, input_grad, weight_grad)
+        -> (grad_x, grad_weights, grad_biases)
+
+The layers are kernels/linear.py's (ReLU after every layer but the last); hidden[i]
+is layer i's output, saved for the backward (its input and ReLU's mask), and x is
+(N, *) flattened from dim 1.  The loss, and with it dlogits = d loss / d logits,
+comes from one kernel here:
 
     loss = mean_n (logsumexp(z[n]) - z[n, t[n]])        dz = (softmax(z) - onehot(t)) / N
 
@@ -6,11 +15,10 @@ over the rows whose target is not IGNORE_INDEX (-100, stock cross_entropy's
 ignore_index): such a row adds nothing to the loss or the gradient, and N counts
 the other rows (none: NaN loss, zero gradient, as in stock).
 
-The loss of the classifier head `mlp_cross_entropy`, whose layers are
-kernels/linear.py's.  One program per block of rows: each row's max, exp, sum and
-log stay in registers, and the row losses and dz are written in the same pass, so
-the backward is dz times the loss's gradient (no second read of the logits, no
-separate log_softmax / nll_loss and their two backward kernels).  The mean is
+One program per block of rows: each row's max, exp, sum and log stay in
+registers, and the row losses and dz are written in the same pass, so the
+backward starts from dz times the loss's gradient (no second read of the logits,
+no separate log_softmax / nll_loss and their two backward kernels).  The mean is
 taken afterwards over the row losses in a fixed order (deterministic).
 
 Any other target outside [0, C) makes that row's loss and gradient NaN: the kernel cannot
@@ -24,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import linear
 from ._common import NUM_WARPS, launch, pow2_clamp
 
 IGNORE_INDEX = -100
@@ -94,3 +103,39 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tuple[t
         launch(softmax_cross_entropy_kernel, (triton.cdiv(N, cfg["BLOCK_R"]),),
                logits, target, row_loss, dz, counted, N, C, IGNORE=IGNORE_INDEX, **cfg)
     return row_loss.sum() / counted, dz  # nothing counted: 0 / 0 = NaN, as stock's mean over nothing
+
+
+# --------------------------------------------------------------------------- the op's two entry points
+
+
+def forward(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
+            target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(mean loss, logits, d loss / d logits, the hidden layers' ReLU outputs)."""
+    h = torch.flatten(x, 1)  # (N, *) -> (N, features); x itself when already 2-D
+    hidden = []
+    for weight, bias in zip(weights[:-1], biases[:-1]):
+        h = linear.forward(h, weight, bias, True)
+        hidden.append(h)
+    logits = linear.forward(h, weights[-1], biases[-1], False)
+    loss, dlogits = softmax_cross_entropy(logits, target)
+    return loss, logits, dlogits, hidden
+
+
+def backward(grad_loss: torch.Tensor | None, grad_logits: torch.Tensor | None, dlogits: torch.Tensor,
+             logits: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], hidden: list[torch.Tensor],
+             input_grad: bool, weight_grad: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(grad_x of x's shape, [grad_weight per layer], [grad_bias per layer]); those not asked
+    for come back empty.  A gradient of None (loss or logits) counts as zero."""
+    grad = None if grad_loss is None else dlogits * grad_loss
+    if grad_logits is not None:
+        grad = grad_logits if grad is None else grad + grad_logits
+    if grad is None:
+        grad = torch.zeros_like(logits)
+    layers = len(weights)
+    inputs, outputs = [torch.flatten(x, 1), *hidden], [*hidden, logits]
+    grad_w, grad_b = [None] * layers, [None] * layers
+    for i in reversed(range(layers)):
+        # Layer 0's input gradient only when x's is wanted: the others feed the layer below.
+        grad, grad_w[i], grad_b[i] = linear.backward(grad, outputs[i], inputs[i], weights[i], i < layers - 1,
+                                                     i > 0 or input_grad, weight_grad)
+    return (grad.view(x.shape) if input_grad else x.new_empty(0)), grad_w, grad_b

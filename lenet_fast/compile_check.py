@@ -51,6 +51,7 @@ _TRITON_DTYPE = {
     "torch.float16": "fp16",
     "torch.bfloat16": "bf16",
     "torch.int8": "i8",
+    "torch.uint8": "u8",
     "torch.int32": "i32",
     "torch.int64": "i64",
 }
@@ -65,75 +66,73 @@ _OPTION_NAMES = ("num_warps", "num_stages", "num_ctas")
 def lenet_launches(batch: int) -> list:
     """Every kernel launch of one LeNet training step at `batch`, recorded on fake CUDA tensors.
 
-    Each entry is (what, Launch), `what` naming the layer and pass.  Mirrors
-    lenet_fast.model.LeNet.forward and its backward: the first layer computes
-    no input gradient (the images need none), every other layer does.
+    Each entry is (what, Launch), `what` naming the stage and pass.  Follows
+    lenet_fast.model.STAGES as training runs them, through each op's `forward` and
+    `backward` (lenet_fast.kernels.<name>): every ConvStage is one
+    conv3x3_relu_maxpool2x2, and the LinearStages together are the head, one
+    mlp_cross_entropy.  The first stage computes no input gradient (the images need
+    none), every other does.  The unfused conv3x3_relu and maxpool2x2, which LeNet
+    does not call, are recorded at the ConvStages' shapes as if it did.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lenet_fast.kernels import _common
-    from lenet_fast.kernels.conv3x3_relu import (
-        conv3x3_relu_backward_input,
-        conv3x3_relu_backward_params,
-        conv3x3_relu_forward,
-    )
-    from lenet_fast.kernels.conv3x3_relu_maxpool2x2 import (
-        conv3x3_relu_maxpool2x2_backward_input,
-        conv3x3_relu_maxpool2x2_backward_params,
-        conv3x3_relu_maxpool2x2_forward,
-    )
-    from lenet_fast.kernels.linear import linear_backward_input, linear_backward_params, linear_forward
-    from lenet_fast.kernels.maxpool2x2 import maxpool2x2_backward, maxpool2x2_forward
-    from lenet_fast.kernels.mlp_cross_entropy import softmax_cross_entropy
-    from lenet_fast.model import IMAGE_SHAPE, TorchLeNet
+    from lenet_fast.kernels import _common, conv3x3_relu, conv3x3_relu_maxpool2x2, maxpool2x2, mlp_cross_entropy
+    from lenet_fast.model import IMAGE_SHAPE, STAGES, ConvStage, LinearStage
 
-    layers = TorchLeNet()  # only for the layer shapes
-    convs = [layers.conv1, layers.conv2]
-    fcs = [layers.fc1, layers.fc2, layers.fc3]
     recorded = []
 
     def record(what, fn, *args):
         with _common.recording_launches() as launches:
             result = fn(*args)
-        recorded.extend((what, launch) for launch in launches)
+        recorded.extend((what(launch) if callable(what) else what, launch) for launch in launches)
         return result
 
+    def cuda(*shape, dtype=torch.float32):
+        return torch.empty(shape, device="cuda", dtype=dtype)
+
+    def conv_params(stage: ConvStage):
+        return cuda(stage.out_channels, stage.in_channels, 3, 3), cuda(stage.out_channels)
+
+    convs = [stage for stage in STAGES if isinstance(stage, ConvStage)]
+    head = [stage for stage in STAGES if isinstance(stage, LinearStage)]
+
+    def head_stage(pass_: str):
+        """Names a head launch by its layer, found from the GEMM's shape (a linear kernel's
+        N, K: out_features, in_features); the loss kernel is "loss"."""
+        def what(launch):
+            args = dict(zip(launch.kernel.arg_names, launch.args))
+            names = [s.name for s in head if (s.out_features, s.in_features) == (args.get("N"), args.get("K"))]
+            return f"{'/'.join(names)} {pass_}" if names else "loss"
+        return what
+
     with FakeTensorMode():
-        def like(param):
-            return torch.empty(param.shape, device="cuda")
-
-        # The fused path: what LeNet runs.
-        x = torch.empty((batch, *IMAGE_SHAPE), device="cuda")
-        for i, conv in enumerate(convs):
-            name, (w, b), pad = f"conv{i + 1}", (like(conv.weight), like(conv.bias)), conv.padding[0]
-            out, idx = record(f"{name} fwd", conv3x3_relu_maxpool2x2_forward, x, w, b, pad)
-            grad = torch.empty_like(out)
-            record(f"{name} bwd", conv3x3_relu_maxpool2x2_backward_params, grad, out, idx, x, pad)
-            if i > 0:
-                record(f"{name} bwd", conv3x3_relu_maxpool2x2_backward_input, grad, out, idx, w, *x.shape[-2:], pad)
+        # The fused path: what LeNet trains with, stage by stage.
+        x = cuda(batch, *IMAGE_SHAPE)
+        for i, stage in enumerate(convs):
+            w, b = conv_params(stage)
+            out, code = record(f"{stage.name} fwd", conv3x3_relu_maxpool2x2.forward, x, w, b, stage.padding)
+            record(f"{stage.name} bwd", conv3x3_relu_maxpool2x2.backward,
+                   torch.empty_like(out), code, x, w, stage.padding, i > 0, True)
             x = out
-        x = x.flatten(1)
-        for i, fc in enumerate(fcs):
-            name, (w, b), relu = f"fc{i + 1}", (like(fc.weight), like(fc.bias)), i < len(fcs) - 1
-            y = record(f"{name} fwd", linear_forward, x, w, b, relu)
-            grad = torch.empty_like(y)
-            record(f"{name} bwd", linear_backward_input, grad, y, w, relu)
-            record(f"{name} bwd", linear_backward_params, grad, y, x, relu)
-            x = y
-        record("loss", softmax_cross_entropy, x, torch.empty((batch,), dtype=torch.int64, device="cuda"))
+        if head:
+            weights = [cuda(s.out_features, s.in_features) for s in head]
+            biases = [cuda(s.out_features) for s in head]
+            target = cuda(batch, dtype=torch.int64)
+            loss, logits, dlogits, hidden = record(head_stage("fwd"), mlp_cross_entropy.forward,
+                                                   x, weights, biases, target)
+            record(head_stage("bwd"), mlp_cross_entropy.backward,
+                   torch.empty_like(loss), None, dlogits, logits, x, weights, hidden, bool(convs), True)
 
-        # The unfused kernels, at the same layer shapes.
-        x = torch.empty((batch, *IMAGE_SHAPE), device="cuda")
-        for i, conv in enumerate(convs):
-            name, (w, b), pad = f"conv{i + 1}", (like(conv.weight), like(conv.bias)), conv.padding[0]
-            y = record(f"{name} fwd (unfused)", conv3x3_relu_forward, x, w, b, pad)
-            grad = torch.empty_like(y)
-            record(f"{name} bwd (unfused)", conv3x3_relu_backward_params, grad, y, x, pad)
-            if i > 0:
-                record(f"{name} bwd (unfused)", conv3x3_relu_backward_input, grad, y, w, pad)
-            out, idx = record(f"pool{i + 1} fwd (unfused)", maxpool2x2_forward, y)
-            record(f"pool{i + 1} bwd (unfused)", maxpool2x2_backward, torch.empty_like(out), idx, *y.shape[-2:])
+        # The unfused kernels, at the ConvStages' shapes.
+        x = cuda(batch, *IMAGE_SHAPE)
+        for i, stage in enumerate(convs):
+            w, b = conv_params(stage)
+            y = record(f"{stage.name} fwd (unfused)", conv3x3_relu.forward, x, w, b, stage.padding)
+            record(f"{stage.name} bwd (unfused)", conv3x3_relu.backward,
+                   torch.empty_like(y), y, x, w, stage.padding, i > 0, True)
+            out, code = record(f"pool{i + 1} fwd (unfused)", maxpool2x2.forward, y)
+            record(f"pool{i + 1} bwd (unfused)", maxpool2x2.backward, torch.empty_like(out), code, y)
             x = out
     return recorded
 

@@ -2,13 +2,14 @@
 tests/test_model.py) compare every backend with stock PyTorch.
 
 Here: the custom-op registration (schemas, opcheck, tracing), skipping the
-input gradient, the int8 winner positions, non-contiguous inputs and gradients,
+input gradient, the uint8 pooling codes, non-contiguous inputs and gradients,
 LeNet's exact layer shapes at batch 64, a full training step, the TF32 switch,
 and (on a GPU) indices past 2**31.  Without a GPU the kernels run under
 TRITON_INTERPRET=1 on CPU tensors.
 """
 
 import os
+import types
 
 import torch
 
@@ -20,7 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 
 import lenet_fast  # noqa: E402
-from lenet_fast import triton_backend as tb  # noqa: E402
+from lenet_fast import ops as lf_ops  # noqa: E402
+from lenet_fast import triton_backend  # noqa: E402, F401  (registers the ops)
 from lenet_fast.kernels import _common  # noqa: E402
 from lenet_fast.model import LeNet, TorchLeNet  # noqa: E402
 
@@ -32,6 +34,14 @@ if not INTERPRETED and not torch.cuda.is_available():
 # Stated tolerance for fp32 results, relative to the output's scale.
 REL = 1e-4
 OPS = torch.ops.lenet_fast
+
+# The registered forward ops as functions of the backend arguments, returning the public output.
+tb = types.SimpleNamespace(
+    conv3x3_relu=lambda x, w, b, padding: OPS.triton_conv3x3_relu(x, w, b, padding),
+    maxpool2x2=lambda x: OPS.triton_maxpool2x2(x)[0],
+    conv3x3_relu_maxpool2x2=lambda x, w, b, padding: OPS.triton_conv3x3_relu_maxpool2x2(x, w, b, padding)[0],
+    linear=lambda x, w, b, relu: OPS.triton_linear(x, w, b, relu),
+)
 
 
 def assert_close_to_scale(actual, expected, name):
@@ -61,20 +71,7 @@ def window_position(flat_index, width):
 # --------------------------------------------------------------------------- registration
 
 
-OP_NAMES = [
-    "triton_conv3x3_relu",
-    "triton_conv3x3_relu_backward_input",
-    "triton_conv3x3_relu_backward_params",
-    "triton_maxpool2x2",
-    "triton_maxpool2x2_backward",
-    "triton_conv3x3_relu_maxpool2x2",
-    "triton_conv3x3_relu_maxpool2x2_backward_input",
-    "triton_conv3x3_relu_maxpool2x2_backward_params",
-    "triton_linear",
-    "triton_linear_backward_input",
-    "triton_linear_backward_params",
-    "triton_softmax_cross_entropy",
-]
+OP_NAMES = [name for op in lf_ops.OPS for name in (f"triton_{op.name}", f"triton_{op.name}_backward")]
 
 
 @pytest.mark.parametrize("name", OP_NAMES)
@@ -102,8 +99,9 @@ def _forward_op_cases():
         "maxpool2x2": (OPS.triton_maxpool2x2.default, (x,)),
         "conv3x3_relu_maxpool2x2": (OPS.triton_conv3x3_relu_maxpool2x2.default, (x, w, None, 0)),
         "linear": (OPS.triton_linear.default, (randn(5, 42, seed=4), randn(6, 42, seed=5), randn(6, seed=6), True)),
-        "softmax_cross_entropy": (OPS.triton_softmax_cross_entropy.default,
-                                  (randn(5, 7, seed=7), torch.tensor([0, 6, 3, 3, 1], device=DEVICE))),
+        "mlp_cross_entropy": (OPS.triton_mlp_cross_entropy.default,
+                              (randn(5, 2, 3, 7, seed=7), [randn(6, 42, seed=8), randn(7, 6, seed=9)],
+                               [randn(6, seed=10), randn(7, seed=11)], torch.tensor([0, 6, 3, 3, 1], device=DEVICE))),
     }
 
 
@@ -116,7 +114,7 @@ OPCHECK_TESTS = ("test_schema", "test_autograd_registration") + (
 )
 
 
-FORWARD_OPS = ["conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear", "softmax_cross_entropy"]
+FORWARD_OPS = ["conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear", "mlp_cross_entropy"]
 
 
 @pytest.mark.parametrize("case", FORWARD_OPS)
@@ -134,18 +132,26 @@ def test_fake_tensor_shapes_match_real(case):
     real = op(*args)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
-    for r, f in zip(real if isinstance(real, tuple) else (real,), fake if isinstance(fake, tuple) else (fake,)):
+    def flat(out):
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return [t for o in out for t in (o if isinstance(o, (tuple, list)) else (o,))]
+
+    for r, f in zip(flat(real), flat(fake), strict=True):
         assert (r.shape, r.dtype) == (f.shape, f.dtype)
 
 
 # --------------------------------------------------------------------------- tracing and skipped input gradients
 
 
+def _traced_nodes(fn, *args):
+    """The lenet_fast op nodes of the graph make_fx records for fn(*args)."""
+    graph = make_fx(fn, tracing_mode="real")(*args).graph
+    return [node for node in graph.nodes if node.op == "call_function" and str(node.target).startswith("lenet_fast.")]
+
+
 def _traced_ops(fn, *args):
     """Names of the lenet_fast ops in the graph make_fx records for fn(*args)."""
-    graph = make_fx(fn, tracing_mode="real")(*args).graph
-    return [str(node.target).split(".")[1] for node in graph.nodes
-            if node.op == "call_function" and str(node.target).startswith("lenet_fast.")]
+    return [str(node.target).split(".")[1] for node in _traced_nodes(fn, *args)]
 
 
 LAYERS = {
@@ -169,11 +175,12 @@ def test_backward_traces_and_skips_unneeded_input_gradient(layer, input_needs_gr
         return torch.autograd.grad(out.sum(), wanted)
 
     x, w, b = randn(*x_shape, seed=1), randn(*w_shape, seed=2), randn(w_shape[0], seed=3)
-    traced = _traced_ops(step, x, w, b)
+    nodes = _traced_nodes(step, x, w, b)
+    traced = [str(node.target).split(".")[1] for node in nodes]
     op = f"triton_{layer}"
-    assert traced.count(op) == 1, traced
-    assert traced.count(f"{op}_backward_params") == 1, traced
-    assert traced.count(f"{op}_backward_input") == (1 if input_needs_grad else 0), traced
+    assert traced == [op, f"{op}_backward"], traced
+    # One backward op; its input_grad / weight_grad flags say which gradients it computes.
+    assert nodes[1].args[-2:] == (input_needs_grad, True), nodes[1].args
 
 
 def test_maxpool_backward_traces():
@@ -184,16 +191,16 @@ def test_maxpool_backward_traces():
 
 
 def test_eager_backward_launches_without_the_op_dispatcher(monkeypatch):
-    """Plain eager autograd calls the launch wrappers directly (a registered op's Python
+    """Plain eager autograd calls the kernels' backward directly (a registered op's Python
     dispatch costs as much host time as the launch); traced graphs still show the
     backward ops (the two tests above)."""
+    from torch._library.custom_ops import OPDEFS
+
     def registered_op_called(*args):
         raise AssertionError("a registered backward op was called in plain eager autograd")
 
-    for name in ("_conv3x3_relu_backward_input", "_conv3x3_relu_backward_params", "_maxpool2x2_backward",
-                 "_conv3x3_relu_maxpool2x2_backward_input", "_conv3x3_relu_maxpool2x2_backward_params",
-                 "_linear_backward_input", "_linear_backward_params"):
-        monkeypatch.setattr(tb, name, registered_op_called)
+    for name in ("conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear"):
+        monkeypatch.setattr(OPDEFS[f"lenet_fast::triton_{name}_backward"], "_opoverload", registered_op_called)
     for fn, x_shape, w_shape, extra in LAYERS.values():
         x, w, b = (t.requires_grad_() for t in (randn(*x_shape, seed=1), randn(*w_shape, seed=2),
                                                  randn(w_shape[0], seed=3)))
@@ -212,32 +219,33 @@ def test_gradient_not_requested_is_none():
     assert x.grad is None and w.grad is not None and b.grad is not None
 
 
-# --------------------------------------------------------------------------- int8 winner positions
+# --------------------------------------------------------------------------- uint8 pooling codes
 
 
-def test_maxpool_winners_are_int8_positions_matching_aten():
+def test_maxpool_winners_are_uint8_positions_matching_aten():
     x = integers(2, 3, 9, 8, lo=-2, hi=2)  # many exact ties
     x[0, 0, 0, :2] = float("nan")          # two NaNs in one window: the last one wins
     x[0, 1, 2, 3] = float("nan")
     x[1, 2, :2, :2] = float("-inf")        # all -inf: position 0
     out, winner = OPS.triton_maxpool2x2(x)
     ref, flat = F.max_pool2d(x, 2, return_indices=True)
-    assert winner.dtype == torch.int8 and winner.shape == out.shape
+    assert winner.dtype == torch.uint8 and winner.shape == out.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(winner.long(), window_position(flat, x.shape[-1]))
 
 
 def test_fused_winners_follow_relu_then_pool():
     # Integer data: exact convolution sums, ties among positive maxima, and
-    # windows that ReLU clamps to all zeros (winner 0, as in stock PyTorch).
+    # windows that ReLU clamps to all zeros: code 4, ReLU blocks the gradient
+    # (lenet_fast.ops, the backward contract).
     x = integers(2, 2, 9, 10, lo=-2, hi=2, seed=1)
     w = integers(5, 2, 3, 3, lo=-1, hi=1, seed=2)
     b = integers(5, lo=-2, hi=2, seed=3)
     out, winner = OPS.triton_conv3x3_relu_maxpool2x2(x, w, b, 1)
     ref, flat = F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2, return_indices=True)
-    assert winner.dtype == torch.int8
+    assert winner.dtype == torch.uint8
     assert torch.equal(out, ref)
-    assert torch.equal(winner.long(), window_position(flat, 10))
+    assert torch.equal(winner.long(), torch.where(out <= 0, 4, window_position(flat, 10)))
     assert (out == 0).any(), "the case should include windows clamped to zero"
 
 
@@ -388,11 +396,10 @@ def test_tf32_is_opt_in(monkeypatch):
 
     def precisions():
         with _common.recording_launches() as launches:
-            from lenet_fast.kernels.conv3x3_relu_maxpool2x2 import conv3x3_relu_maxpool2x2_forward
-            from lenet_fast.kernels.linear import linear_forward
+            from lenet_fast.kernels import conv3x3_relu_maxpool2x2, linear
 
-            conv3x3_relu_maxpool2x2_forward(x, w, b, 0)
-            linear_forward(x.view(4, 36), randn(3, 36), None, False)
+            conv3x3_relu_maxpool2x2.forward(x, w, b, 0)
+            linear.forward(x.view(4, 36), randn(3, 36), None, False)
         assert len(launches) == 2
         return {launch.kwargs["PRECISION"] for launch in launches}
 
