@@ -18,7 +18,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cuda_launchers.h"
+#include "conv_cuda.h"
 #define LF_CUDA_STREAM() (c10::cuda::getCurrentCUDAStream().stream())
 #endif
 

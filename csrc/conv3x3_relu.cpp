@@ -1,12 +1,34 @@
-// conv3x3 + bias + ReLU (stride 1, padding 0 or 1): torch-facing wrappers and CPU kernels.
+// conv3x3 + bias + ReLU (stride 1, padding 0 or 1): torch-facing wrappers and CPU kernels,
+// its C++ autograd and its registration as lenet_fast::ext_conv3x3_relu (and _backward;
+// schemas: lenet_fast/ops.py, CONV3X3_RELU).
 // The conv engine is shared with the fused op (cpu_conv.h); only the epilogue
 // (ReLU, write the activation) and the backward's gradient fill (ReLU mask
 // from the saved output) differ.
+#include "autograd.h"
 #include "common.h"
 #include "cpu_conv.h"
-#include "ops.h"
 
 namespace lenet_fast {
+
+#ifdef LENET_FAST_WITH_CUDA
+// The launchers of conv3x3_relu_cuda.cu (kernels in conv_kernels.cuh), for float and
+// double; each launches one kernel, checked here with C10_CUDA_KERNEL_LAUNCH_CHECK().
+namespace cuda {
+// out (N, Cout, Ho, Wo) = relu(conv(x, w) + b); b may be null.
+template <typename T>
+void launch_conv_relu_fwd(const T* x, const T* w, const T* b, T* out, const ConvDims& d, cudaStream_t stream);
+// grad wrt x (gather form, no atomics); the conv-output gradient is g masked by relu_out.
+template <typename T>
+void launch_conv_relu_bwd_input(const T* g, const T* relu_out, const T* w, T* gx, const ConvDims& d,
+                                cudaStream_t stream);
+// Weight/bias partial sums per batch chunk (conv_cuda.h), reduced by cuda_weight_grad.
+template <typename T>
+void launch_conv_relu_bwd_weight_partial(const T* g, const T* relu_out, const T* x, T* partial, const ConvDims& d,
+                                         int64_t nchunks, cudaStream_t stream);
+}  // namespace cuda
+#endif
+
+namespace {
 
 at::Tensor conv3x3_relu_fwd(const at::Tensor& x_, const at::Tensor& w_, const std::optional<at::Tensor>& b_,
                             int64_t pad) {
@@ -99,5 +121,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_bwd(const at::Tensor
   });
   return {gx, gw, gb};
 }
+
+struct ConvReluFn : public torch::autograd::Function<ConvReluFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const std::optional<at::Tensor>& b, int64_t pad) {
+    static const auto op = op_handle<decltype(conv3x3_relu_fwd)>("lenet_fast::ext_conv3x3_relu");
+    ctx->set_materialize_grads(false);
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(x, w, b, pad);
+    }
+    ctx->save_for_backward({x, w, out});
+    ctx->saved_data["pad"] = pad;
+    ctx->saved_data["has_bias"] = has_tensor(b);
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<decltype(conv3x3_relu_bwd)>("lenet_fast::ext_conv3x3_relu_backward");
+    if (!grads[0].defined()) return zero_grads(4);
+    const auto s = ctx->get_saved_variables();
+    const NeedGrads ng = need_grads(ctx);
+    auto [dx, dw, db] =
+        call_backward_op(op, grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
+    return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
+  }
+};
+
+at::Tensor conv3x3_relu_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                                 int64_t pad) {
+  return ConvReluFn::apply(x, w, b, pad);
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("ext_conv3x3_relu", &conv3x3_relu_fwd);
+  m.impl("ext_conv3x3_relu_backward", &conv3x3_relu_bwd);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
+#ifdef LENET_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
+#endif
+TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) { m.impl("ext_conv3x3_relu", &conv3x3_relu_autograd); }
 
 }  // namespace lenet_fast

@@ -1,4 +1,7 @@
-// conv3x3 + bias + ReLU + max-pool 2x2 in one pass: torch-facing wrappers and CPU kernels.
+// conv3x3 + bias + ReLU + max-pool 2x2 in one pass: torch-facing wrappers and CPU kernels,
+// its C++ autograd and its registration as lenet_fast::ext_conv3x3_relu_maxpool2x2 (and
+// _backward; schemas: lenet_fast/ops.py, CONV3X3_RELU_MAXPOOL2X2).  The wrappers are in
+// ops.h too: the one-op training step (lenet_sgd_step.cpp) calls them directly.
 //
 // Forward writes only the pooled output and a uint8 winner code per pooled
 // element (index_math.h: 0..3 = row-major position in the window, kPoolMasked
@@ -7,11 +10,30 @@
 // 1..8 input channels, finite x and w); otherwise it scatters the pooled
 // gradient through the codes into a per-image (thread-local) dense conv-gradient
 // tile and computes grad_input, grad_weight and grad_bias from it (cpu_conv.h).
+#include "autograd.h"
 #include "common.h"
 #include "cpu_fused.h"
 #include "ops.h"
 
 namespace lenet_fast {
+
+#ifdef LENET_FAST_WITH_CUDA
+// The launchers of conv3x3_relu_maxpool2x2_cuda.cu (kernels in conv_kernels.cuh), for
+// float and double; each launches one kernel, checked here with C10_CUDA_KERNEL_LAUNCH_CHECK().
+namespace cuda {
+// out/idx (N, Cout, Ho/2, Wo/2); idx holds the fused winner code (index_math.h).
+template <typename T>
+void launch_conv_relu_pool_fwd(const T* x, const T* w, const T* b, T* out, uint8_t* idx, const ConvDims& d,
+                               cudaStream_t stream);
+template <typename T>
+void launch_conv_relu_pool_bwd_input(const T* g, const uint8_t* idx, const T* w, T* gx, const ConvDims& d,
+                                     cudaStream_t stream);
+// Weight/bias partial sums per batch chunk (conv_cuda.h), reduced by cuda_weight_grad.
+template <typename T>
+void launch_conv_relu_pool_bwd_weight_partial(const T* g, const uint8_t* idx, const T* x, T* partial,
+                                              const ConvDims& d, int64_t nchunks, cudaStream_t stream);
+}  // namespace cuda
+#endif
 
 std::tuple<at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_fwd(const at::Tensor& x_, const at::Tensor& w_,
                                                                const std::optional<at::Tensor>& b_, int64_t pad) {
@@ -120,6 +142,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_bwd(const
         });
   });
   return {gx, gw, gb};
+}
+
+namespace {
+
+struct ConvReluPoolFn : public torch::autograd::Function<ConvReluPoolFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                               const std::optional<at::Tensor>& b, int64_t pad) {
+    static const auto op =
+        op_handle<decltype(conv3x3_relu_maxpool2x2_fwd)>("lenet_fast::ext_conv3x3_relu_maxpool2x2");
+    ctx->set_materialize_grads(false);
+    at::Tensor out, idx;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, idx) = op.call(x, w, b, pad);
+    }
+    ctx->save_for_backward({x, w, idx});
+    ctx->saved_data["pad"] = pad;
+    ctx->saved_data["has_bias"] = has_tensor(b);
+    ctx->mark_non_differentiable({idx});
+    return {out, idx};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        op_handle<decltype(conv3x3_relu_maxpool2x2_bwd)>("lenet_fast::ext_conv3x3_relu_maxpool2x2_backward");
+    if (!grads[0].defined()) return zero_grads(4);
+    const auto s = ctx->get_saved_variables();
+    const NeedGrads ng = need_grads(ctx);
+    auto [dx, dw, db] =
+        call_backward_op(op, grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
+    return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_autograd(const at::Tensor& x, const at::Tensor& w,
+                                                                    const std::optional<at::Tensor>& b, int64_t pad) {
+  auto r = ConvReluPoolFn::apply(x, w, b, pad);
+  return {r[0], r[1]};
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("ext_conv3x3_relu_maxpool2x2", &conv3x3_relu_maxpool2x2_fwd);
+  m.impl("ext_conv3x3_relu_maxpool2x2_backward", &conv3x3_relu_maxpool2x2_bwd);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
+#ifdef LENET_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
+#endif
+TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) {
+  m.impl("ext_conv3x3_relu_maxpool2x2", &conv3x3_relu_maxpool2x2_autograd);
 }
 
 }  // namespace lenet_fast

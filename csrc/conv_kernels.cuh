@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "cuda_launchers.h"
+#include "conv_cuda.h"
 #include "index_math.h"
 
 namespace lenet_fast {

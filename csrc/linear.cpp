@@ -1,4 +1,6 @@
-// linear + bias (+ ReLU): torch-facing wrappers and CPU kernels.
+// linear + bias (+ ReLU): torch-facing wrappers and CPU kernels, its C++ autograd and its
+// registration as lenet_fast::ext_linear (and _backward; schemas: lenet_fast/ops.py,
+// LINEAR).  The wrappers are in ops.h too: mlp_cross_entropy.cpp runs its layers on them.
 // The GEMMs go to at::mm / at::addmm (MKL / cuBLAS).  Forward: bias + ReLU is one fused
 // pass over the GEMM output (without ReLU the bias rides in the GEMM, as in stock addmm);
 // on the CPU a layer with at most kNarrowOut outputs (LeNet's fc3) is one loop of our own
@@ -14,11 +16,26 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 
+#include "autograd.h"
 #include "common.h"
 #include "cpu_vec.h"
 #include "ops.h"
 
 namespace lenet_fast {
+
+#ifdef LENET_FAST_WITH_CUDA
+// The epilogue launchers of linear_cuda.cu, for float and double; each launches one
+// kernel, checked here with C10_CUDA_KERNEL_LAUNCH_CHECK().
+namespace cuda {
+// y[n][o] = relu?(y[n][o] + b[o]) in place; b may be null.
+template <typename T>
+void launch_bias_relu(T* y, const T* b, int64_t N, int64_t O, bool relu, cudaStream_t stream);
+// gm[n][o] = relu_grad_passes(out) ? g : 0 (or g when !relu); gb[o] = sum_n gm[n][o] (fixed order); gb may be null.
+template <typename T>
+void launch_relu_mask_bias_grad(const T* g, const T* out, T* gm, T* gb, int64_t N, int64_t O, bool relu,
+                                cudaStream_t stream);
+}  // namespace cuda
+#endif
 
 namespace {
 
@@ -133,8 +150,8 @@ void narrow_linear_cpu(const T* x, const T* w, const T* b, T* y, int64_t N, int6
     for (int64_t k = 0; k < K; ++k) wt[k * J + o] = w[o * K + k];
   T bias[J] = {};
   if (b != nullptr) std::copy(b, b + O, bias);
-  // A block costs R * K * J lane-FMAs; below ~2^18 of them (a few microseconds) a second
-  // thread costs more to wake than it saves (batch 64 of fc3 stays on one thread).
+  // A block costs R * K * J lane-FMAs; below ~2^18 of them a second thread costs more to
+  // wake than it saves (batch 64 of fc3 stays on one thread).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, R * K * J));
   at::parallel_for(0, ceil_div(N, int64_t{R}), grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -249,5 +266,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd(const at::Tensor& g_, 
   at::Tensor gw = weight_grad ? at::mm(gm.t(), x) : empty0(g);
   return {gx, gw, gb};
 }
+
+namespace {
+
+struct LinearFn : public torch::autograd::Function<LinearFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const std::optional<at::Tensor>& b, bool relu) {
+    static const auto op = op_handle<decltype(linear_fwd)>("lenet_fast::ext_linear");
+    ctx->set_materialize_grads(false);
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(x, w, b, relu);
+    }
+    ctx->save_for_backward({x, w, out});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_bias"] = has_tensor(b);
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<decltype(linear_bwd)>("lenet_fast::ext_linear_backward");
+    if (!grads[0].defined()) return zero_grads(4);
+    const auto s = ctx->get_saved_variables();
+    const NeedGrads ng = need_grads(ctx);
+    auto [dx, dw, db] =
+        call_backward_op(op, grads[0], s[2], s[0], s[1], ctx->saved_data["relu"].toBool(), ng.x, ng.w || ng.b);
+    return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
+  }
+};
+
+at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
+  return LinearFn::apply(x, w, b, relu);
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("ext_linear", &linear_fwd);
+  m.impl("ext_linear_backward", &linear_bwd);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
+#ifdef LENET_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
+#endif
+TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) { m.impl("ext_linear", &linear_autograd); }
 
 }  // namespace lenet_fast

@@ -1,7 +1,6 @@
 // CUDA epilogues of linear + bias (+ ReLU); the GEMMs are cuBLAS (at::mm, from linear.cpp).
 #include <cuda_runtime.h>
 
-#include "cuda_launchers.h"
 #include "index_math.h"
 
 namespace lenet_fast {

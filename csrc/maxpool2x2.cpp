@@ -1,4 +1,6 @@
-// max-pool 2x2 stride 2 floor mode: torch-facing wrappers and CPU kernels.
+// max-pool 2x2 stride 2 floor mode: torch-facing wrappers and CPU kernels, its C++
+// autograd and its registration as lenet_fast::ext_maxpool2x2 (and _backward; schemas:
+// lenet_fast/ops.py, MAXPOOL2X2).
 // Forward writes the pooled value and a uint8 winner code (0..3, row-major in
 // the window; stock rules: first maximum wins ties, the last NaN wins).
 // Backward is a gather: each input element takes the gradient of its window
@@ -8,11 +10,23 @@
 
 #include <ATen/Parallel.h>
 
+#include "autograd.h"
 #include "common.h"
 #include "cpu_conv.h"
-#include "ops.h"
 
 namespace lenet_fast {
+
+#ifdef LENET_FAST_WITH_CUDA
+// The launchers of maxpool2x2_cuda.cu, for float and double; each launches one kernel,
+// checked here with C10_CUDA_KERNEL_LAUNCH_CHECK().
+namespace cuda {
+template <typename T>
+void launch_maxpool_fwd(const T* x, T* out, uint8_t* idx, int64_t planes, int64_t H, int64_t W, cudaStream_t stream);
+template <typename T>
+void launch_maxpool_bwd(const T* g, const uint8_t* idx, T* gx, int64_t planes, int64_t H, int64_t W,
+                        cudaStream_t stream);
+}  // namespace cuda
+#endif
 
 namespace {
 
@@ -50,8 +64,6 @@ void maxpool_bwd_cpu(const T* g, const uint8_t* idx, T* gx, int64_t planes, int6
     }
   });
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> maxpool2x2_fwd(const at::Tensor& x_) {
   TORCH_CHECK(x_.dim() == 4, "lenet_fast ext: x must be 4-D (N, C, H, W), got ", x_.sizes());
@@ -108,5 +120,44 @@ at::Tensor maxpool2x2_bwd(const at::Tensor& g_, const at::Tensor& idx_, const at
   });
   return gx;
 }
+
+struct MaxPoolFn : public torch::autograd::Function<MaxPoolFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x) {
+    static const auto op = op_handle<decltype(maxpool2x2_fwd)>("lenet_fast::ext_maxpool2x2");
+    ctx->set_materialize_grads(false);
+    at::Tensor out, idx;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, idx) = op.call(x);
+    }
+    ctx->save_for_backward({x, idx});
+    ctx->mark_non_differentiable({idx});
+    return {out, idx};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<decltype(maxpool2x2_bwd)>("lenet_fast::ext_maxpool2x2_backward");
+    if (!grads[0].defined()) return zero_grads(1);
+    const auto s = ctx->get_saved_variables();
+    return {call_backward_op(op, grads[0], s[1], s[0])};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> maxpool2x2_autograd(const at::Tensor& x) {
+  auto r = MaxPoolFn::apply(x);
+  return {r[0], r[1]};
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("ext_maxpool2x2", &maxpool2x2_fwd);
+  m.impl("ext_maxpool2x2_backward", &maxpool2x2_bwd);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
+#ifdef LENET_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
+#endif
+TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) { m.impl("ext_maxpool2x2", &maxpool2x2_autograd); }
 
 }  // namespace lenet_fast

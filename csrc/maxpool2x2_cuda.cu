@@ -1,7 +1,6 @@
 // CUDA kernels of max-pool 2x2 stride 2 floor mode (rules in index_math.h).
 #include <cuda_runtime.h>
 
-#include "cuda_launchers.h"
 #include "index_math.h"
 
 namespace lenet_fast {

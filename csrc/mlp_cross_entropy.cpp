@@ -9,6 +9,9 @@
 // layer from the top.  Why one op: in eager PyTorch every layer and the loss is its own
 // Python call and autograd node, and for a small head like LeNet's that bookkeeping costs
 // more than the GEMMs (docs/benchmarks.md).
+// Here too: its C++ autograd and its registration as lenet_fast::ext_mlp_cross_entropy (and
+// _backward; schemas: lenet_fast/ops.py, MLP_CROSS_ENTROPY).  The wrappers are in ops.h
+// too: the one-op training step (lenet_sgd_step.cpp) calls them directly.
 #include <cmath>
 #include <vector>
 
@@ -21,6 +24,7 @@
 #include <ATen/ops/scatter.h>
 #include <ATen/ops/zeros_like.h>
 
+#include "autograd.h"
 #include "common.h"
 #include "ops.h"
 
@@ -152,5 +156,69 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cro
   if (input_grad && x.dim() != 2) g = g.view(x.sizes());  // gx of linear_bwd is contiguous
   return {g, grad_w, grad_b};
 }
+
+namespace {
+
+// Inputs flatten to (x, weights..., biases..., target) for needs_input_grad and for the
+// gradients backward returns; outputs are (loss, logits, dlogits, hidden...), of which only
+// loss and logits are differentiable.
+struct MlpCrossEntropyFn : public torch::autograd::Function<MlpCrossEntropyFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
+                               at::TensorList biases, const at::Tensor& target) {
+    static const auto op = op_handle<decltype(mlp_cross_entropy_fwd)>("lenet_fast::ext_mlp_cross_entropy");
+    ctx->set_materialize_grads(false);
+    at::Tensor loss, logits, dlogits;
+    std::vector<at::Tensor> hidden;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(loss, logits, dlogits, hidden) = op.call(x, weights, biases, target);
+    }
+    variable_list saved{x, logits, dlogits};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    saved.insert(saved.end(), hidden.begin(), hidden.end());
+    ctx->save_for_backward(saved);
+    variable_list outputs{loss, logits, dlogits};
+    outputs.insert(outputs.end(), hidden.begin(), hidden.end());
+    ctx->mark_non_differentiable(variable_list(outputs.begin() + 2, outputs.end()));
+    return outputs;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        op_handle<decltype(mlp_cross_entropy_bwd)>("lenet_fast::ext_mlp_cross_entropy_backward");
+    const auto s = ctx->get_saved_variables();
+    const size_t L = (s.size() - 2) / 2;  // x, logits, dlogits, L weights, L - 1 hidden
+    if (!grads[0].defined() && !grads[1].defined()) return zero_grads(2 + 2 * L);  // x, weights, biases, target
+    const at::TensorList weights(s.data() + 3, L), hidden(s.data() + 3 + L, L - 1);
+    bool weight_grad = false;
+    for (size_t i = 1; i <= 2 * L; ++i) weight_grad = weight_grad || ctx->needs_input_grad(i);
+    const bool input_grad = ctx->needs_input_grad(0);
+    auto [gx, gw, gb] =
+        call_backward_op(op, grads[0], grads[1], s[2], s[1], s[0], weights, hidden, input_grad, weight_grad);
+    variable_list result{grad_or_undef(input_grad, gx)};
+    for (size_t l = 0; l < L; ++l) result.push_back(grad_or_undef(ctx->needs_input_grad(1 + l), gw[l]));
+    for (size_t l = 0; l < L; ++l) result.push_back(grad_or_undef(ctx->needs_input_grad(1 + L + l), gb[l]));
+    result.emplace_back();  // target
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_cross_entropy_autograd(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, const at::Tensor& target) {
+  auto r = MlpCrossEntropyFn::apply(x, weights, biases, target);
+  return {r[0], r[1], r[2], std::vector<at::Tensor>(r.begin() + 3, r.end())};
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("ext_mlp_cross_entropy", &mlp_cross_entropy_fwd);
+  m.impl("ext_mlp_cross_entropy_backward", &mlp_cross_entropy_bwd);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
+#ifdef LENET_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
+#endif
+TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) { m.impl("ext_mlp_cross_entropy", &mlp_cross_entropy_autograd); }
 
 }  // namespace lenet_fast

@@ -21,7 +21,23 @@ try:
 except ImportError as exc:  # pragma: no cover
     pytest.skip(f"ext backend unavailable: {exc}", allow_module_level=True)
 
+from lenet_fast import ops as lf_ops  # noqa: E402
+
 OPS = torch.ops.lenet_fast
+
+
+def _public(name):
+    """The ext op `name` returning its public outputs (lenet_fast.ops.OpDef.public), as
+    lenet_fast.backends.ExtBackend runs it."""
+    op, fn = lf_ops.OPS_BY_NAME[name], getattr(OPS, f"ext_{name}").default
+    return lambda *args: op.public(fn(*args))
+
+
+conv3x3_relu, maxpool2x2, conv3x3_relu_maxpool2x2, linear, mlp_cross_entropy = map(
+    _public, ("conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear", "mlp_cross_entropy"))
+count_correct, run_backward = OPS.ext_count_correct.default, OPS.run_backward.default
+# The ext-only ops that opcheck can run (run_backward and ext_lenet_sgd_step have side effects).
+EXT_ONLY_OPCHECKED = ("ext_count_correct",)
 
 
 def _devices():
@@ -100,7 +116,7 @@ CONV_SHAPES = [
 def test_fused_matches_stock(device, shape, bias):
     n, cin, cout, h, w, p = shape
     x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float32, device, bias)
-    _compare_op(E.conv3x3_relu_maxpool2x2, ref_fused, (x, wt, b, p), torch.float32)
+    _compare_op(conv3x3_relu_maxpool2x2, ref_fused, (x, wt, b, p), torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -108,14 +124,14 @@ def test_fused_matches_stock(device, shape, bias):
 def test_conv_relu_matches_stock(device, shape):
     n, cin, cout, h, w, p = shape
     x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float32, device)
-    _compare_op(E.conv3x3_relu, ref_conv_relu, (x, wt, b, p), torch.float32)
+    _compare_op(conv3x3_relu, ref_conv_relu, (x, wt, b, p), torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(64, 6, 26, 26), (64, 16, 11, 11), (1, 1, 2, 2), (2, 3, 7, 9), (0, 2, 4, 4)])
 def test_maxpool_matches_stock(device, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device).requires_grad_()
-    _compare_op(E.maxpool2x2, lambda t: F.max_pool2d(t, 2), (x,), torch.float32)
+    _compare_op(maxpool2x2, lambda t: F.max_pool2d(t, 2), (x,), torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -128,7 +144,7 @@ def test_linear_matches_stock(device, dims, relu, bias):
     x = torch.randn(n, k, generator=g).to(device).requires_grad_()
     w = (torch.randn(o, k, generator=g) / k**0.5).to(device).requires_grad_()
     b = torch.randn(o, generator=g).to(device).requires_grad_() if bias else None
-    _compare_op(E.linear, ref_linear, (x, w, b, relu), torch.float32)
+    _compare_op(linear, ref_linear, (x, w, b, relu), torch.float32)
 
 
 # --- pooling ties and NaN: routing must match stock exactly ----------------------------
@@ -145,7 +161,7 @@ def test_maxpool_ties_and_nan(device):
         ]
     ).reshape(1, 1, 5, 6)
     x = x.to(device).requires_grad_()
-    y = E.maxpool2x2(x)
+    y = maxpool2x2(x)
     y_ref = F.max_pool2d(x, 2)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
     g = torch.arange(1.0, 1.0 + y.numel()).reshape(y.shape).to(device)
@@ -160,14 +176,14 @@ def test_fused_ties_and_nan(device):
     x = torch.randn(2, 2, 7, 8).to(device).requires_grad_()
     w = torch.zeros(3, 2, 3, 3).to(device).requires_grad_()
     b = torch.tensor([0.5, -0.5, 0.0]).to(device).requires_grad_()
-    _compare_op(E.conv3x3_relu_maxpool2x2, ref_fused, (x, w, b, 1), torch.float32)
+    _compare_op(conv3x3_relu_maxpool2x2, ref_fused, (x, w, b, 1), torch.float32)
     # NaN inputs propagate to the outputs they touch, exactly where stock puts them.
     x = torch.randn(2, 2, 9, 9)
     x[0, 1, 4, 4] = float("nan")
     x[1, 0, 0, 0] = float("nan")
     x = x.to(device)
     wt = torch.randn(3, 2, 3, 3).to(device)
-    y = E.conv3x3_relu_maxpool2x2(x, wt, None, 0)
+    y = conv3x3_relu_maxpool2x2(x, wt, None, 0)
     y_ref = ref_fused(x, wt, None, 0)
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
     _close(y, y_ref, torch.float32)
@@ -182,22 +198,22 @@ GC_SHAPES = [(2, 2, 3, 6, 7, 0), (2, 3, 2, 5, 6, 1), (1, 1, 1, 4, 5, 0)]
 def test_gradcheck_conv_ops(device, shape):
     n, cin, cout, h, w, p = shape
     x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float64, device, seed=7)
-    assert torch.autograd.gradcheck(lambda *a: E.conv3x3_relu_maxpool2x2(*a, p), (x, wt, b))
-    assert torch.autograd.gradcheck(lambda *a: E.conv3x3_relu(*a, p), (x, wt, b))
-    assert torch.autograd.gradcheck(lambda a, c: E.conv3x3_relu_maxpool2x2(a, c, None, p), (x, wt))
+    assert torch.autograd.gradcheck(lambda *a: conv3x3_relu_maxpool2x2(*a, p), (x, wt, b))
+    assert torch.autograd.gradcheck(lambda *a: conv3x3_relu(*a, p), (x, wt, b))
+    assert torch.autograd.gradcheck(lambda a, c: conv3x3_relu_maxpool2x2(a, c, None, p), (x, wt))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_maxpool_linear(device):
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(E.maxpool2x2, (x,))
+    assert torch.autograd.gradcheck(maxpool2x2, (x,))
     a = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
     w = torch.randn(3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
     b = torch.randn(3, generator=g, dtype=torch.float64).to(device).requires_grad_()
     for relu in (True, False):
-        assert torch.autograd.gradcheck(lambda *t: E.linear(*t, relu), (a, w, b))
-        assert torch.autograd.gradcheck(lambda *t: E.linear(*t, None, relu), (a, w))
+        assert torch.autograd.gradcheck(lambda *t: linear(*t, relu), (a, w, b))
+        assert torch.autograd.gradcheck(lambda *t: linear(*t, None, relu), (a, w))
 
 
 def _head_inputs(dtype, device, n=4, widths=(5, 4, 3), seed=12):
@@ -213,7 +229,7 @@ def test_gradcheck_mlp_cross_entropy(device):
     L = len(weights)
 
     def head(x, *params):  # both outputs, so both backward paths are checked
-        return E.mlp_cross_entropy(x, list(params[:L]), list(params[L:]), target)
+        return mlp_cross_entropy(x, list(params[:L]), list(params[L:]), target)
 
     assert torch.autograd.gradcheck(head, (x, *weights, *biases))
 
@@ -221,14 +237,14 @@ def test_gradcheck_mlp_cross_entropy(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_float64_matches_stock(device):
     x, wt, b = _conv_inputs(8, 3, 5, 12, 11, torch.float64, device, seed=5)
-    _compare_op(E.conv3x3_relu_maxpool2x2, ref_fused, (x, wt, b, 1), torch.float64)
-    _compare_op(E.conv3x3_relu, ref_conv_relu, (x, wt, b, 0), torch.float64)
+    _compare_op(conv3x3_relu_maxpool2x2, ref_fused, (x, wt, b, 1), torch.float64)
+    _compare_op(conv3x3_relu, ref_conv_relu, (x, wt, b, 0), torch.float64)
 
 
 def test_first_layer_skips_input_grad():
     x, wt, b = _conv_inputs(4, 1, 6, 28, 28, torch.float32, "cpu")
     x.requires_grad_(False)
-    y = E.conv3x3_relu_maxpool2x2(x, wt, b, 0)
+    y = conv3x3_relu_maxpool2x2(x, wt, b, 0)
     y.sum().backward()
     assert x.grad is None and wt.grad is not None and b.grad is not None
     out, idx = OPS.ext_conv3x3_relu_maxpool2x2(x, wt, b, 0)
@@ -345,7 +361,8 @@ def test_opcheck(case):
 
 
 def test_every_op_is_opchecked():
-    assert {name for name, _ in _opcheck_samples()} == set(E.OP_NAMES)
+    table = {f"ext_{op.name}{suffix}" for op in lf_ops.OPS for suffix in ("", "_backward")}
+    assert {name for name, _ in _opcheck_samples()} == table | set(EXT_ONLY_OPCHECKED)
 
 
 # --- determinism ------------------------------------------------------------------------
@@ -359,9 +376,9 @@ def _grads(fn, inputs, seed=2):
 @pytest.mark.parametrize(
     "op",
     [
-        ("fused", E.conv3x3_relu_maxpool2x2, (64, 6, 16, 13, 13, 0)),
-        ("fused", E.conv3x3_relu_maxpool2x2, (37, 1, 6, 28, 28, 1)),
-        ("conv_relu", E.conv3x3_relu, (33, 6, 16, 13, 13, 0)),
+        ("fused", conv3x3_relu_maxpool2x2, (64, 6, 16, 13, 13, 0)),
+        ("fused", conv3x3_relu_maxpool2x2, (37, 1, 6, 28, 28, 1)),
+        ("conv_relu", conv3x3_relu, (33, 6, 16, 13, 13, 0)),
     ],
     ids=lambda o: o[0] + "-" + "x".join(map(str, o[2])),
 )
@@ -390,7 +407,7 @@ def test_linear_deterministic_across_runs(shape):
     x = torch.randn(n, k, generator=g, requires_grad=True)
     w = torch.randn(o, k, generator=g, requires_grad=True)
     b = torch.randn(o, generator=g, requires_grad=True)
-    runs = [[E.linear(x, w, b, True).detach(), *_grads(lambda *a: E.linear(*a, True), (x, w, b))] for _ in range(3)]
+    runs = [[linear(x, w, b, True).detach(), *_grads(lambda *a: linear(*a, True), (x, w, b))] for _ in range(3)]
     for other in runs[1:]:
         for a, c in zip(runs[0], other):
             assert torch.equal(a, c)
@@ -427,7 +444,7 @@ def test_mlp_cross_entropy_deterministic_across_runs():
     x, weights, biases, target = _head_inputs(torch.float32, "cpu", n=64, widths=(120, 84, 10))
     runs = []
     for _ in range(3):
-        loss, logits = E.mlp_cross_entropy(x, weights, biases, target)
+        loss, logits = mlp_cross_entropy(x, weights, biases, target)
         runs.append([loss.detach(), logits.detach(), *torch.autograd.grad(loss, [x, *weights, *biases])])
     for other in runs[1:]:
         for a, c in zip(runs[0], other):
@@ -439,7 +456,7 @@ def test_mlp_cross_entropy_unit_loss_gradient_is_exact(dtype):
     """A loss gradient of exactly 1 (what loss.backward() sends) skips the scaling pass over
     dlogits; scaling by 2 is exact in floating point, so the two paths must agree bitwise."""
     x, weights, biases, target = _head_inputs(dtype, "cpu", n=64, widths=(120, 84, 10))
-    loss, _ = E.mlp_cross_entropy(x, weights, biases, target)
+    loss, _ = mlp_cross_entropy(x, weights, biases, target)
     params = [x, *weights, *biases]
     unit = torch.autograd.grad(loss, params, torch.ones((), dtype=dtype), retain_graph=True)
     two = torch.autograd.grad(loss, params, torch.full((), 2.0, dtype=dtype), retain_graph=True)
@@ -451,7 +468,7 @@ def test_mlp_cross_entropy_unit_loss_gradient_is_exact(dtype):
 def test_pool_gradients_deterministic():
     g = torch.Generator().manual_seed(13)
     p = torch.randn(8, 6, 26, 26, generator=g, requires_grad=True)
-    assert torch.equal(_grads(E.maxpool2x2, (p,))[0], _grads(E.maxpool2x2, (p,))[0])
+    assert torch.equal(_grads(maxpool2x2, (p,))[0], _grads(maxpool2x2, (p,))[0])
 
 
 # --- the model and torch.compile ----------------------------------------------------------
@@ -477,7 +494,7 @@ def test_torch_compile_fullgraph():
     x, w, b = _conv_inputs(4, 1, 6, 28, 28, torch.float32, "cpu")
 
     def f(x, w, b):
-        return E.conv3x3_relu_maxpool2x2(x, w, b, 0).sum()
+        return conv3x3_relu_maxpool2x2(x, w, b, 0).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
@@ -487,7 +504,7 @@ def test_torch_compile_fullgraph_mlp_cross_entropy():
     x, weights, biases, target = _head_inputs(torch.float32, "cpu")
 
     def f(x, weights, biases):
-        loss, logits = E.mlp_cross_entropy(x, weights, biases, target)
+        loss, logits = mlp_cross_entropy(x, weights, biases, target)
         return loss + logits.square().mean()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -554,7 +571,7 @@ def test_create_graph_is_refused_not_the_fast_path():
     x = torch.randn(2, 1, 6, 6, requires_grad=True)
     w = torch.randn(3, 1, 3, 3, requires_grad=True)
     with pytest.raises(NotImplementedError, match="ext_conv3x3_relu_maxpool2x2_backward"):
-        torch.autograd.grad(E.conv3x3_relu_maxpool2x2(x, w, None, 0).sum(), x, create_graph=True)
+        torch.autograd.grad(conv3x3_relu_maxpool2x2(x, w, None, 0).sum(), x, create_graph=True)
 
 
 # --- run_backward: loss.backward() started from C++ ---------------------------------------
@@ -568,34 +585,35 @@ def test_run_backward_matches_loss_backward_bitwise(backend):
     model.forward_with_loss(x, y)[0].backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    E.run_backward(model.forward_with_loss(x, y)[0])
+    run_backward(model.forward_with_loss(x, y)[0])
     for (name, p), g in zip(model.named_parameters(), expected):
         assert torch.equal(p.grad, g), name
 
 
 def test_run_backward_bad_loss_is_torchs_error():
     with pytest.raises(RuntimeError, match="does not require grad"):
-        E.run_backward(torch.ones(()))
+        run_backward(torch.ones(()))
     with pytest.raises(RuntimeError, match="only for scalar outputs"):
-        E.run_backward(torch.ones(3, requires_grad=True) * 2)
+        run_backward(torch.ones(3, requires_grad=True) * 2)
 
 
 @pytest.mark.parametrize("backend", ["ext", "torch"])
-def test_training_step_uses_the_helpers_of_its_own_backend(monkeypatch, backend):
+def test_training_step_uses_the_helpers_of_its_own_backend(backend):
     """An ext LeNet's eager training step starts backward from C++ and counts with one op;
     a LeNet on another backend (and the stock models the benchmarks compare against) uses
     torch's own loss.backward() and count: no extension call when another backend runs."""
     import lenet_fast
     from lenet_fast import training
 
-    calls = []
-    monkeypatch.setattr(E, "run_backward", lambda loss: calls.append("backward") or loss.backward())
-    monkeypatch.setattr(E, "count_correct", lambda logits, y: calls.append("count") or (logits.argmax(1) == y).sum())
+    helpers = {"lenet_fast::run_backward": "backward", "lenet_fast::ext_count_correct": "count"}
     torch.manual_seed(0)
     model = lenet_fast.LeNet(backend=backend)
     optimizer = lenet_fast.optim.make_optimizer(model.parameters(), "sgd", 0.05)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    training.train_step(model, optimizer, x, y, fused=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:  # the ops called
+        training.train_step(model, optimizer, x, y, fused=False)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    calls = [helpers[e.name] for e in events if e.name in helpers]
     assert calls == (["backward", "count"] if backend == "ext" else [])
     assert all(p.grad is not None for p in model.parameters())
 
@@ -614,7 +632,7 @@ def test_count_correct_matches_stock(device, dtype, n, c):
     logits = (torch.randn(n, c, generator=g) * 2).round().to(device=device, dtype=dtype)
     hit = torch.rand(n, generator=g) < 0.5
     target = torch.where(hit, logits.float().cpu().argmax(1), torch.randint(0, c, (n,), generator=g)).to(device)
-    got = E.count_correct(logits, target)
+    got = count_correct(logits, target)
     assert got.dtype == torch.int64 and got.shape == () and got.device == logits.device
     assert got.item() == _count_reference(logits, target).item()
 
@@ -629,17 +647,17 @@ def test_count_correct_ties_nan_inf_and_strides(device):
                            [0.0, inf, 1.0]], device=device)
     for target in ([1, 0, 1, 0, 1], [2, 1, 2, 1, 0], [0, 0, 0, 0, 0]):
         t = torch.tensor(target, device=device)
-        assert E.count_correct(logits, t).item() == _count_reference(logits, t).item()
+        assert count_correct(logits, t).item() == _count_reference(logits, t).item()
     wide = torch.randn(6, 20, device=device)
     strided, t = wide[:, ::2], torch.randint(0, 10, (6,), device=device)  # non-contiguous logits
-    assert E.count_correct(strided, t).item() == _count_reference(strided, t).item()
-    assert E.count_correct(wide.t().contiguous().t(), torch.zeros(6, dtype=torch.int64, device=device)).item() == \
+    assert count_correct(strided, t).item() == _count_reference(strided, t).item()
+    assert count_correct(wide.t().contiguous().t(), torch.zeros(6, dtype=torch.int64, device=device)).item() == \
         _count_reference(wide, torch.zeros(6, dtype=torch.int64, device=device)).item()
 
 
 def test_count_correct_needs_no_grad_and_records_no_graph():
     logits = torch.randn(8, 10, requires_grad=True) * 1.0
-    count = E.count_correct(logits, torch.zeros(8, dtype=torch.int64))
+    count = count_correct(logits, torch.zeros(8, dtype=torch.int64))
     assert not count.requires_grad and count.grad_fn is None
 
 
@@ -652,4 +670,4 @@ def test_count_correct_needs_no_grad_and_records_no_graph():
 ])
 def test_count_correct_bad_inputs(logits, target, match):
     with pytest.raises(RuntimeError, match=match):
-        E.count_correct(logits, target)
+        count_correct(logits, target)
