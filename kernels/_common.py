@@ -24,6 +24,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Iterator
 
+import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
@@ -80,6 +81,26 @@ def recording_launches() -> Iterator[list[Launch]]:
         yield _recorded
     finally:
         _recorded = previous
+
+
+# Cross-entropy's ignored target (stock cross_entropy's default ignore_index).
+IGNORE_INDEX = -100
+# The profiler range of checks that run on CPU tensors only (benchmarks.count_kernels
+# leaves them out of a step's kernels, as a GPU never runs them).
+CPU_ONLY_CHECK = "lenet_fast: CPU-only check"
+
+
+def check_targets(target, num_classes: int) -> None:
+    """IndexError for a target outside [0, num_classes) other than IGNORE_INDEX, on CPU
+    tensors only: on a GPU it would cost kernels and a host sync every step (the kernels
+    make such a row's loss NaN instead)."""
+    if target.is_cuda or target.numel() == 0:
+        return
+    with torch.profiler.record_function(CPU_ONLY_CHECK):
+        bad_rows = ((target < 0) | (target >= num_classes)) & (target != IGNORE_INDEX)
+        if bool(bad_rows.any()):
+            raise IndexError(f"target holds class index {target[bad_rows][0].item()}, outside "
+                             f"[0, {num_classes}) (and not the ignored index {IGNORE_INDEX})")
 
 
 def dot_precision() -> str:

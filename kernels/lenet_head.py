@@ -68,9 +68,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, dot_precision, launch, pow2_clamp, relu, relu_grad
+from ._common import IGNORE_INDEX, NUM_WARPS, check_targets, dot_precision, launch, pow2_clamp, relu, relu_grad
 
-IGNORE_INDEX = -100
 
 
 @triton.jit
@@ -310,16 +309,6 @@ def empty_outputs(N: int, K1: int, H1: int, H2: int, C: int, device: torch.devic
                     f32(P), i32(P), i32(P))
 
 
-def _check_target(target: torch.Tensor, N: int, C: int) -> None:
-    """Checked on the CPU only: on a GPU it would cost kernels and a host sync every step."""
-    if target.is_cuda or N == 0:
-        return
-    bad_rows = ((target < 0) | (target >= C)) & (target != IGNORE_INDEX)
-    if bool(bad_rows.any()):
-        raise IndexError(f"target holds class index {target[bad_rows][0].item()}, outside [0, {C}) "
-                         f"(and not the ignored index {IGNORE_INDEX})")
-
-
 def head_step(features: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, w4: torch.Tensor, b4: torch.Tensor,
               w5: torch.Tensor, b5: torch.Tensor, target: torch.Tensor, out: HeadStep | None = None) -> HeadStep:
     """The head's forward, loss and backward for one batch, in one launch (none for N == 0).
@@ -352,7 +341,7 @@ def head_step(features: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, w4: to
                     or not got.is_contiguous():
                 raise ValueError(f"head_step: out.{name} must be a contiguous {ref.dtype} tensor of shape "
                                  f"{tuple(ref.shape)} on {features.device}")
-    _check_target(target, N, C)
+    check_targets(target, C)
     if N == 0:
         return out
     cfg = head_config(N, H1, C, on_gpu)

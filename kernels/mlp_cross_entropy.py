@@ -33,9 +33,8 @@ import triton
 import triton.language as tl
 
 from . import linear
-from ._common import NUM_WARPS, launch, pow2_clamp
+from ._common import IGNORE_INDEX, NUM_WARPS, check_targets, launch, pow2_clamp
 
-IGNORE_INDEX = -100
 
 
 @triton.jit
@@ -89,12 +88,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tuple[t
     N, C = logits.shape
     if C > 1 << 14:
         raise ValueError(f"softmax_cross_entropy holds a row in one block: at most {1 << 14} classes, got {C}")
-    # Checked on the CPU only: on a GPU it would cost kernels and a host sync every step.
-    bad_rows = None if logits.is_cuda or N == 0 else ((target < 0) | (target >= C)) & (target != IGNORE_INDEX)
-    if bad_rows is not None and bool(bad_rows.any()):
-        bad = target[bad_rows][0].item()
-        raise IndexError(f"target holds class index {bad}, outside [0, {C}) for logits of shape "
-                         f"{tuple(logits.shape)} (and not the ignored index {IGNORE_INDEX})")
+    check_targets(target, C)
     row_loss = torch.empty((N,), device=logits.device, dtype=logits.dtype)
     dz = torch.empty_like(logits)
     counted = (target != IGNORE_INDEX).sum().to(logits.dtype)

@@ -108,6 +108,11 @@ class TritonBackend(KernelBackend):
     description = "fused Triton kernels (kernels/), registered with torch.library.triton_op"
     prefix, module = "triton", "lenet_fast.triton_backend"
 
+    def train_step(self, model, optimizer, x: torch.Tensor, y: torch.Tensor):
+        from .fused_step import triton_sgd_step
+
+        return triton_sgd_step(model, optimizer, x, y)  # four launches (kernels/lenet_step.py)
+
     def device_reason(self, device_type: str) -> str | None:
         if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (slow; for testing)"

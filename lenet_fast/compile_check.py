@@ -1,6 +1,6 @@
 """Compile every Triton kernel LeNet launches for sm_80 and sm_90 and report its resources.
 
-    python -m lenet_fast.compile_check [--batch 64 1024] [--arch 80 90] [--json PATH]
+    python -m lenet_fast.compile_check [--batch 64 256 1024] [--arch 80 90] [--json PATH]
 
 No GPU is needed.  The launch wrappers of `lenet_fast.kernels` run on fake
 CUDA tensors inside `recording_launches()`, following a LeNet training step
@@ -41,7 +41,7 @@ import sys
 import tempfile
 
 ARCHS = (80, 90)
-BATCHES = (64, 1024)
+BATCHES = (64, 256, 1024)
 
 # Largest dynamic shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -77,7 +77,8 @@ def lenet_launches(batch: int) -> list:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lenet_fast.kernels import _common, conv3x3_relu, conv3x3_relu_maxpool2x2, maxpool2x2, mlp_cross_entropy
+    from lenet_fast.kernels import (_common, conv3x3_relu, conv3x3_relu_maxpool2x2, lenet_step, maxpool2x2,
+                                    mlp_cross_entropy)
     from lenet_fast.model import IMAGE_SHAPE, STAGES, ConvStage, LinearStage
 
     recorded = []
@@ -123,6 +124,17 @@ def lenet_launches(batch: int) -> list:
                                                    x, weights, biases, target)
             record(head_stage("bwd"), mlp_cross_entropy.backward,
                    torch.empty_like(loss), None, dlogits, logits, x, weights, hidden, bool(convs), True)
+
+        # The whole training step in four launches (kernels/lenet_step.py), which a triton
+        # LeNet trained by FusedSGD takes.
+        params = [t for stage in STAGES for t in (conv_params(stage) if isinstance(stage, ConvStage)
+                                                  else (cuda(stage.out_features, stage.in_features),
+                                                        cuda(stage.out_features)))]
+        x, target = cuda(batch, *IMAGE_SHAPE), cuda(batch, dtype=torch.int64)
+        workspace = lenet_step.make_workspace(batch, x.device, params)
+        names = iter(["step: features fwd", "step: head", "step: features bwd", "step: sgd"])
+        record(lambda launch: next(names), lenet_step.sgd_train_step, x, target, params,
+               [torch.empty_like(p) for p in params], cuda(), 0.9, 0.0, 5e-4, True, False, workspace)
 
         # The unfused kernels, at the ConvStages' shapes.
         x = cuda(batch, *IMAGE_SHAPE)
@@ -374,7 +386,7 @@ def run(batches, archs, json_path: str | None, only: str | None = None, workers:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lenet_fast.compile_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES), help="batch sizes (default: 64 1024)")
+    parser.add_argument("--batch", type=int, nargs="+", default=list(BATCHES), help="batch sizes (default: 64 256 1024)")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
                         help="compute capabilities (default: 80 90)")
     parser.add_argument("--kernel", metavar="TEXT", help="only kernels whose name contains TEXT")

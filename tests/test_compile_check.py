@@ -26,6 +26,11 @@ TRITON_KERNELS = {
     "linear_bwd_input_kernel",
     "linear_bwd_weight_kernel",
     "softmax_cross_entropy_kernel",
+    # the whole training step (kernels/lenet_step.py)
+    "lenet_features_fwd_kernel",
+    "lenet_head_step_kernel",
+    "lenet_features_bwd_kernel",
+    "lenet_sgd_kernel",
 }
 
 
@@ -56,11 +61,12 @@ def test_every_kernel_compiled_for_sm80_and_sm90_without_spills(report):
         assert 0 < row["registers"] <= 255, row
 
 
-def test_lenet_batches_64_and_1024_are_covered(report):
+def test_lenet_batches_64_256_and_1024_are_covered(report):
     _, data = report
     used = {u for r in data["rows"] if r["source"] == "triton" for u in r["used_by"]}
-    for batch in (64, 1024):
-        for layer in ("conv1 fwd", "conv1 bwd", "conv2 fwd", "conv2 bwd", "fc1 fwd", "fc1 bwd", "fc3 bwd", "loss"):
+    for batch in (64, 256, 1024):
+        for layer in ("conv1 fwd", "conv1 bwd", "conv2 fwd", "conv2 bwd", "fc1 fwd", "fc1 bwd", "fc3 bwd", "loss",
+                      "step: features fwd", "step: head", "step: features bwd", "step: sgd"):
             assert f"{layer} @{batch}" in used
 
 
