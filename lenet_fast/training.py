@@ -26,7 +26,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
     A LeNet runs on its backend (`lenet_fast.backends.Backend`): with `fused` (the default)
     the backend's whole-step path where it has one (the ext backend on the CPU: one op,
-    bitwise the same as the eager step), else forward with the fused head + loss, the
+    bitwise the same as the eager step; the triton backend: four Triton launches), else forward with the fused head + loss, the
     backend's backward and count, and the optimizer.
     """
     if isinstance(model, LeNet) and isinstance(x, torch.Tensor):
@@ -74,7 +74,8 @@ class TrainingStep:
     optimizer must then hold its learning rate in one tensor on the model's device
     (build it with `lr_holder`).  Capture happens here, so load any optimizer or model
     state before constructing this.
-    fused: let `train_step` take the CPU one-op step where it applies (eager only).
+    fused: let `train_step` take the backend's whole-step path where it applies (the ext CPU
+    one-op step, eager only; the triton four-launch step, eager or captured).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, cuda_graph: bool = False,
@@ -92,7 +93,7 @@ class TrainingStep:
                              "build the optimizer with lr=lenet_fast.training.lr_holder(lr, device, True)")
         self.lr_tensor = lr
         self.graphed = GraphedTrainStep(model, optimizer, batch_sizes,
-                                        lambda x, y: train_step(model, optimizer, x, y, fused=False))
+                                        lambda x, y: train_step(model, optimizer, x, y, fused=fused))
 
     def set_lr(self, value: float) -> None:
         if self.lr_tensor is not None:
