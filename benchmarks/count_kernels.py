@@ -84,6 +84,9 @@ def triton_step_kernels(batch: int, *, fused: bool = True, repeats: int = 20) ->
     optimizer = FusedSGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     train_step(model, optimizer, x, y, fused=fused)  # creates the momentum buffers: the fast path needs them
+    # With the launches recorded, buffers the kernels would fill hold whatever memory held;
+    # the op-by-op step's CPU ops on denormals among it would time the CPU's slow path.
+    flush = torch.set_flush_denormal(True)
     with _common.recording_launches() as launches:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             train_step(model, optimizer, x, y, fused=fused)
@@ -93,6 +96,8 @@ def triton_step_kernels(batch: int, *, fused: bool = True, repeats: int = 20) ->
             start = time.perf_counter()
             train_step(model, optimizer, x, y, fused=fused)
             times.append(time.perf_counter() - start)
+    if flush:
+        torch.set_flush_denormal(False)
     is_aten = lambda name: name.startswith("aten::")  # noqa: E731
     other = [e.name for e in prof.events()
              if is_aten(e.name) and e.name not in _NO_KERNEL

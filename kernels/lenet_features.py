@@ -50,6 +50,8 @@ Batch 0 launches nothing: the forward returns empty outputs and the backward
 returns partial buffers of P = 0 rows (their sum over axis 0 is zero).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -283,6 +285,7 @@ def lenet_features_bwd_kernel(
 # --------------------------------------------------------------------------- configuration
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments, asked every step
 def features_config(N: int, on_gpu: bool = True) -> dict:
     """Launch parameters of both kernels at batch N: {"forward": {...}, "backward": {...}}.
 

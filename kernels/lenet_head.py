@@ -62,6 +62,7 @@ instead, as kernels/mlp_cross_entropy.py does.
 
 from __future__ import annotations
 
+import functools
 import typing
 
 import torch
@@ -243,6 +244,7 @@ def _fc2_chunk(h1a, h1b, h1c, h1d, w4_ptr, b4_ptr, ra, rb, rc, rd, va, vb, vc, v
 # --------------------------------------------------------------------------- block sizes
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments, asked every step
 def head_config(N: int, H1: int, C: int, on_gpu: bool = True) -> dict:
     """Rows per program (BLOCK_M), fc1's input step (BLOCK_K), the size of each of h1's
     four pieces (H1Q), fc2's output chunk (HC) and the padded class count (CP).

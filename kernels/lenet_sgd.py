@@ -52,6 +52,8 @@ reduces the loss).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -220,7 +222,8 @@ def lenet_sgd_kernel(
 # --------------------------------------------------------------------------- block sizes
 
 
-def sgd_config(numels: list[int], on_gpu: bool = True) -> dict:
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments, asked every step
+def sgd_config(numels: tuple[int, ...], on_gpu: bool = True) -> dict:
     """Elements per program (BLOCK) and head partials per step of the loss sums (BLOCK_R).
 
     GPU: 512 elements on four warps, so LeNet's ~62k elements make ~125 programs (a wave
@@ -287,7 +290,7 @@ def sgd_update(params: list[torch.Tensor], grads_out: list[torch.Tensor], moment
                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     lr_tensor = _device_scalar(lr, "lr", device)
     scale_tensor = _device_scalar(grad_scale, "grad_scale", device)
-    cfg = sgd_config([p.numel() for p in params], device.type == "cuda")
+    cfg = sgd_config(tuple(p.numel() for p in params), device.type == "cuda")
     # A tensor argument the kernel does not read (lr or grad_scale given as a number) gets loss_out.
     scalars = {
         "lr_ptr": loss_out if lr_tensor is None else lr_tensor,
