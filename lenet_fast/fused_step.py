@@ -1,18 +1,21 @@
-"""LeNet's SGD training step as one op on the CPU: the CPU's counterpart of --cuda-graph.
+"""LeNet's SGD training step in as few launches as a backend can: the whole-step paths.
 
-An eager training step pays for autograd and Python around every kernel: recording
-three autograd nodes, the engine's run of them and of ten AccumulateGrad nodes, the
-op wrappers and the optimizer's call: at LeNet's size on a CPU, a sixth of an ext step
-(docs/measurements-behind-the-code.md).  `ext_sgd_step` runs the same step as one call of
-the extension's `ext_lenet_sgd_step` (csrc/lenet_sgd_step.cpp): the same forward and
-backward kernels in the order the autograd engine runs them, then the fused SGD kernel
-FusedSGD calls.  Loss, gradients (left in each parameter's .grad) and updated
-parameters are bitwise those of the eager step (tests/test_lenet_sgd_step.py).
+An eager training step pays for autograd and Python around every kernel, and on a GPU
+for every launch: at LeNet's size that is most of a step.  Two backends replace the
+whole step (their `Backend.train_step` calls these):
 
-It runs only where it cannot change the result: an ext LeNet on the CPU, trained by a
-FusedSGD whose next step would be its one-kernel fast path, and nothing that the eager
-step would run besides (tensor hooks on the parameters, optimizer hooks, anomaly mode,
-an input that wants a gradient).  Otherwise `ext_sgd_step` returns None and the caller runs
+* `ext_sgd_step`, on the CPU: one call of the extension's `ext_lenet_sgd_step`
+  (csrc/lenet_sgd_step.cpp): the same forward and backward kernels in the order the
+  autograd engine runs them, then the fused SGD kernel FusedSGD calls; loss, gradients
+  and parameters are bitwise those of the eager step (tests/test_lenet_sgd_step.py).
+* `triton_sgd_step`: four Triton launches (kernels/lenet_step.py), eager or inside a
+  CUDA graph; equal to the eager step up to summation order
+  (tests/test_triton_train_step.py).
+
+Both run only where they cannot change the result (`step_arguments`): a LeNet trained
+by a FusedSGD whose next step would be its one-kernel fast path, and nothing that the
+eager step would run besides (tensor hooks on the parameters, optimizer hooks, anomaly
+mode, an input that wants a gradient).  Otherwise they return None and the caller runs
 the eager step.
 """
 
