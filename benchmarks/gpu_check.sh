@@ -111,12 +111,15 @@ fi
 # compute-sanitizer over one training step on each fast backend, where available
 if command -v compute-sanitizer > /dev/null; then
     stage sanitizer 40 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -c "
-import torch, torch.nn.functional as F, lenet_fast
+import torch, torch.nn.functional as F, lenet_fast, lenet_fast.optim, lenet_fast.training
 for backend in ('ext', 'triton'):
     m = lenet_fast.LeNet(backend=backend).cuda()
     x = torch.randn(64, 1, 28, 28, device='cuda'); y = torch.randint(0, 10, (64,), device='cuda')
     F.cross_entropy(m(x), y).backward()          # the layer-by-layer ops
     m.forward_with_loss(x, y)[0].backward()      # the fused head, as training runs it
+    opt = lenet_fast.optim.FusedSGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    for _ in range(2):                            # the second is the whole step (triton: four launches)
+        lenet_fast.training.train_step(m, opt, x, y)
     torch.cuda.synchronize(); print(backend, 'ok')
 "
 else

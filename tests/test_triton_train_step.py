@@ -1,5 +1,6 @@
 """A triton LeNet's whole SGD step in four Triton launches (kernels/lenet_step.py) against the
-torch backend's step, and its kernel count, on the CPU under the Triton interpreter."""
+torch backend's step, and its kernel count: on the GPU when there is one (compiled kernels),
+else on the CPU under the Triton interpreter."""
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ from lenet_fast.model import LeNet
 from lenet_fast.optim import FusedSGD
 from lenet_fast.training import TrainingStep, lr_holder, train_step
 
-if backends.unavailable_reason("triton", "cpu") is not None:  # pragma: no cover
-    pytest.skip(backends.unavailable_reason("triton", "cpu"), allow_module_level=True)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if backends.unavailable_reason("triton", DEVICE) is not None:  # pragma: no cover
+    pytest.skip(backends.unavailable_reason("triton", DEVICE), allow_module_level=True)
 
 # Parameters after three steps, relative to max(1, max|torch's|): the steps differ from
 # torch's only by summation order.
@@ -35,8 +37,8 @@ def spy(monkeypatch):
 
 def _pair(seed=0, **sgd):
     torch.manual_seed(seed)
-    fused = LeNet("triton")
-    reference = LeNet("torch")
+    fused = LeNet("triton").to(DEVICE)
+    reference = LeNet("torch").to(DEVICE)
     reference.load_state_dict(fused.state_dict())
     hyper = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4) | sgd
     return (fused, FusedSGD(fused.parameters(), **hyper)), (reference, FusedSGD(reference.parameters(), **hyper))
@@ -44,8 +46,9 @@ def _pair(seed=0, **sgd):
 
 def _batches(batch, steps, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g))
-            for _ in range(steps)]
+    batches = [(torch.randn(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g))
+               for _ in range(steps)]
+    return [(x.to(DEVICE), y.to(DEVICE)) for x, y in batches]
 
 
 def _run(model, optimizer, batches):
@@ -94,16 +97,17 @@ def test_ignored_targets_and_maximize_match_the_torch_backend(spy):
 
 
 def test_the_graphed_step_logic_takes_it_with_the_learning_rate_in_a_tensor(spy):
-    """TrainingStep(cuda_graph=True) on the CPU runs the capture's code eagerly on static buffers:
-    the whole step with lr read from the tensor, as a CUDA graph replays it."""
+    """TrainingStep(cuda_graph=True): on a GPU the captured graphs, on the CPU the capture's code
+    run eagerly on static buffers; the whole step with lr read from the tensor either way."""
     torch.manual_seed(0)
-    graphed, eager = LeNet("triton"), LeNet("triton")
+    graphed, eager = LeNet("triton").to(DEVICE), LeNet("triton").to(DEVICE)
     eager.load_state_dict(graphed.state_dict())
-    graphed_opt = FusedSGD(graphed.parameters(), lr=lr_holder(0.05, "cpu", True), momentum=0.9, nesterov=True)
+    graphed_opt = FusedSGD(graphed.parameters(), lr=lr_holder(0.05, DEVICE, True), momentum=0.9, nesterov=True)
     eager_opt = FusedSGD(eager.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     batches = _batches(8, 3)
     step = TrainingStep(graphed, graphed_opt, cuda_graph=True, batch_sizes=[8])
-    spy.clear()  # the warm-up steps
+    set_up = len(spy)  # warm-up steps, and on a GPU the capture
+    spy.clear()
     for i, (x, y) in enumerate(batches):
         for s, lr in ((step, 0.05 / (i + 1)), (None, 0.05 / (i + 1))):
             if s is None:
@@ -112,14 +116,16 @@ def test_the_graphed_step_logic_takes_it_with_the_learning_rate_in_a_tensor(spy)
             else:
                 s.set_lr(lr)
                 s.step(x, y)
-    assert len(spy) >= len(batches)
+    # Every graphed step (a GPU replays them without Python) and every eager one but the first.
+    assert set_up >= 1 and len(spy) == (0 if DEVICE == "cuda" else len(batches)) + len(batches) - 1
     for p, q in zip(graphed.parameters(), eager.parameters()):
         assert_close_scaled(p, q, PARAM_REL, "parameter")
 
 
 @pytest.mark.parametrize("case", ["hook", "frozen", "no_momentum", "float64"])
 def test_steps_aside_where_the_whole_step_would_change_the_result(case, spy):
-    (model, optimizer), (reference, reference_opt) = _pair(**({"momentum": 0.0, "nesterov": False} if case == "no_momentum" else {}))
+    sgd = {"momentum": 0.0, "nesterov": False} if case == "no_momentum" else {}
+    (model, optimizer), (reference, reference_opt) = _pair(**sgd)
     if case == "hook":
         model.fc1.weight.register_hook(lambda g: g * 2)
         reference.fc1.weight.register_hook(lambda g: g * 2)
@@ -141,6 +147,7 @@ def test_steps_aside_where_the_whole_step_would_change_the_result(case, spy):
     assert fused_step.triton_sgd_step(model, optimizer, *batches[0]) is None
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="counted on the CPU (on a GPU: benchmarks.count_kernels)")
 @pytest.mark.parametrize("batch", [64, 37])
 def test_a_step_is_four_kernels(batch):
     """Triton launches plus every other non-view op of the step, counted on the CPU as a GPU
