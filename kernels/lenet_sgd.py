@@ -226,8 +226,8 @@ def lenet_sgd_kernel(
 def sgd_config(numels: tuple[int, ...], on_gpu: bool = True) -> dict:
     """Elements per program (BLOCK) and head partials per step of the loss sums (BLOCK_R).
 
-    GPU: 512 elements on four warps, so LeNet's ~62k elements make ~125 programs (a wave
-    on an H100) and each program's reads of its partials stay short.  The interpreter
+    GPU: 512 elements on four warps, so LeNet's ~62k elements make ~125 programs (about one
+    per SM of a large GPU) and each program's reads of its partials stay short.  The interpreter
     (CPU) pays per program, hardly per element: blocks of up to 16k elements.
     """
     if on_gpu:
