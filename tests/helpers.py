@@ -55,25 +55,72 @@ def leaf(t, requires_grad=True):
 
 
 # Stated tolerances, relative to the output's scale (max(1, max|reference|)); the
-# reference is the stock op evaluated in float64 on the same fp32 inputs.
+# reference is the stock op evaluated in float64 on the same inputs.  FWD_REL and
+# GRAD_REL are for float32 results; F64_REL for float64 ones (a backend that takes
+# float64: there only the summation order differs from stock, ~1e-16 per term).
 FWD_REL = 1e-5
 GRAD_REL = 5e-5
+F64_REL = 1e-10
 
 
-def check_op(op, reference, inputs, *, device, needs_grad=None, grad_generator=None, fwd_rel=FWD_REL, grad_rel=GRAD_REL):
+def skip_unless_dtype(backend, dtype):
+    """Skip (with the reason) when `backend` does not take tensors of `dtype`."""
+    from lenet_fast import backends
+
+    if dtype not in backends.get_backend(backend).dtypes:
+        import pytest
+
+        pytest.skip(f"the {backend} backend takes no {str(dtype).replace('torch.', '')} tensors")
+
+
+def _strided(t):
+    """t's values as every other element of a last dimension twice as long: not dense."""
+    return torch.stack([t, torch.zeros_like(t)], -1).select(-1, 0)
+
+
+def _channels_last(t):
+    """t's values in a dense, permuted layout: channels-last (4-D), column-major (2-D)."""
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    return _strided(t)
+
+
+def _channels_last_strided(t):
+    """t's values as every other column of a channels-last (or column-major) tensor twice
+    as wide: permuted and not dense."""
+    if t.dim() not in (2, 4):
+        return _strided(t)
+    wide = torch.stack([t, torch.zeros_like(t)], -1).flatten(-2)
+    return _channels_last(wide)[..., ::2]
+
+
+# Non-contiguous layouts of a tensor with the same shape and values, differentiable (the
+# gradient reaches the tensor they were made from); check_op's `layout`.
+LAYOUTS = {"strided": _strided, "channels_last": _channels_last, "channels_last_strided": _channels_last_strided}
+
+
+def check_op(op, reference, inputs, *, device, needs_grad=None, grad_generator=None, fwd_rel=FWD_REL,
+             grad_rel=GRAD_REL, layout=None):
     """op(*inputs) on `device` against reference(*inputs) in float64: output and every gradient.
 
-    `inputs` are CPU tensors (or None); `needs_grad[i]` says whether input i
-    requires grad (default: all tensors do).  The upstream gradient is an
-    exact-arithmetic tensor, so gradient routing is compared without rounding
-    noise.
+    `inputs` are CPU tensors (or None) of one dtype; `needs_grad[i]` says whether input i
+    requires grad (default: all tensors do).  The upstream gradient is an exact-arithmetic
+    tensor, so gradient routing is compared without rounding noise.  `layout` (one of
+    LAYOUTS) gives the op every input and the upstream gradient in that non-contiguous
+    layout (the first input must come out non-contiguous); the reference gets them
+    contiguous.
     """
     if needs_grad is None:
         needs_grad = [t is not None for t in inputs]
     generator = grad_generator or torch.Generator().manual_seed(1234)
     ours = [None if t is None else leaf(t.to(device), rg) for t, rg in zip(inputs, needs_grad)]
     refs = [None if t is None else leaf(t.double(), rg) for t, rg in zip(inputs, needs_grad)]
-    out = op(*ours)
+    args = ours if layout is None else [None if t is None else layout(t) for t in ours]
+    if layout is not None:
+        assert not args[0].is_contiguous(), "the layout left the first input contiguous: choose another shape"
+    out = op(*args)
     ref = reference(*refs)
     assert out.device.type == torch.device(device).type, f"output on {out.device}, expected {device}"
     assert out.dtype == inputs[0].dtype, f"output dtype {out.dtype}, expected {inputs[0].dtype}"
@@ -81,7 +128,8 @@ def check_op(op, reference, inputs, *, device, needs_grad=None, grad_generator=N
     if not any(needs_grad):
         return out
     grad_out = exact_tensor(tuple(out.shape), 0.25, generator=generator)
-    got = grads_of(out, ours, grad_out.to(device))
+    grad_ours = grad_out.to(device, out.dtype)
+    got = grads_of(out, ours, grad_ours if layout is None else layout(grad_ours))
     want = grads_of(ref, refs, grad_out.double())
     for i, (g, w) in enumerate(zip(got, want)):
         if w is None:

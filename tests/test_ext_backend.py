@@ -1,9 +1,12 @@
-"""Tests of the "ext" backend (lenet_fast._C, csrc/): gradcheck, opcheck, determinism, stock parity.
+"""What is specific to the "ext" backend (lenet_fast._C, csrc/): its CPU engine paths,
+determinism across runs and thread counts, count_correct, run_backward, errors from its
+kernel checks, its CUDA build's resource usage and torch.compile.
 
-Tolerances: float32 results must match stock PyTorch within 1e-4 of the
-reference's scale (max |ref|), float64 within 1e-10; pooling routing (values,
-ties, NaN) must match exactly.  CUDA variants run only where a GPU and the CUDA
-kernels are present.
+Output values against stock PyTorch are checked in tests/test_op_<name>.py and
+tests/test_model.py, and what both kernel backends promise for every op (registration,
+opcheck, fakes, the backward contract, double backward) in tests/test_op_table.py.
+Tolerances: helpers.GRAD_REL where two paths may round differently, else bitwise.
+CUDA variants run only where a GPU and the CUDA kernels are present.
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers import head_inputs, leaf
+from helpers import GRAD_REL, assert_close_scaled, head_inputs, leaf
 
 try:
     from lenet_fast import ext_backend as E
@@ -36,8 +38,6 @@ def _public(name):
 conv3x3_relu, maxpool2x2, conv3x3_relu_maxpool2x2, linear, mlp_cross_entropy = map(
     _public, ("conv3x3_relu", "maxpool2x2", "conv3x3_relu_maxpool2x2", "linear", "mlp_cross_entropy"))
 count_correct, run_backward = OPS.ext_count_correct.default, OPS.run_backward.default
-# The ext-only ops that opcheck can run (run_backward and ext_lenet_sgd_step have side effects).
-EXT_ONLY_OPCHECKED = ("ext_count_correct",)
 
 
 def _devices():
@@ -53,167 +53,12 @@ def _devices():
 DEVICES = _devices()
 
 
-def _close(actual, expected, dtype, what=""):
-    tol = 1e-4 if dtype == torch.float32 else 1e-10
-    finite = expected[torch.isfinite(expected)]
-    scale = finite.abs().max().item() if finite.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=0, atol=tol * max(scale, 1.0), equal_nan=True, msg=what)
-
-
-# --- references ------------------------------------------------------------------------
-def ref_conv_relu(x, w, b, p):
-    return F.relu(F.conv2d(x, w, b, padding=p))
-
-
-def ref_fused(x, w, b, p):
-    return F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=p)), 2)
-
-
-def ref_linear(x, w, b, relu):
-    y = F.linear(x, w, b)
-    return F.relu(y) if relu else y
-
-
 def _conv_inputs(n, cin, cout, h, w, dtype, device, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, cin, h, w, generator=g, dtype=dtype).to(device).requires_grad_()
     wt = (torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype) / (3 * cin**0.5)).to(device).requires_grad_()
     b = (torch.randn(cout, generator=g, dtype=dtype) * 0.1).to(device).requires_grad_() if bias else None
     return x, wt, b
-
-
-def _compare_op(fn, ref, inputs, dtype, seed=1):
-    y = fn(*inputs)
-    y_ref = ref(*inputs)
-    _close(y, y_ref, dtype, "forward")
-    diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    if y.numel() == 0:
-        return
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype).to(y.device)
-    got = torch.autograd.grad(y, diff, g)
-    want = torch.autograd.grad(y_ref, diff, g)
-    for i, (a, b) in enumerate(zip(got, want)):
-        _close(a, b, dtype, f"grad of differentiable input {i}")
-
-
-# --- float32 parity with stock at LeNet's shapes and edge shapes ------------------------
-CONV_SHAPES = [
-    # (N, Cin, Cout, H, W, padding)
-    (64, 1, 6, 28, 28, 0),  # LeNet conv1
-    (64, 6, 16, 13, 13, 0),  # LeNet conv2
-    (1, 1, 6, 28, 28, 0),  # batch 1
-    (3, 2, 5, 9, 11, 0),  # odd H/W (floor-mode pooling drops a row and a column)
-    (2, 3, 4, 7, 10, 1),  # padding 1
-    (2, 1, 1, 6, 6, 1),  # Cin 1, Cout 1
-    (2, 13, 9, 5, 4, 0),  # channels not multiples of the CPU block sizes
-    (0, 3, 4, 8, 8, 0),  # empty batch
-]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_fused_matches_stock(device, shape, bias):
-    n, cin, cout, h, w, p = shape
-    x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float32, device, bias)
-    _compare_op(conv3x3_relu_maxpool2x2, ref_fused, (x, wt, b, p), torch.float32)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_conv_relu_matches_stock(device, shape):
-    n, cin, cout, h, w, p = shape
-    x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float32, device)
-    _compare_op(conv3x3_relu, ref_conv_relu, (x, wt, b, p), torch.float32)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(64, 6, 26, 26), (64, 16, 11, 11), (1, 1, 2, 2), (2, 3, 7, 9), (0, 2, 4, 4)])
-def test_maxpool_matches_stock(device, shape):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device).requires_grad_()
-    _compare_op(maxpool2x2, lambda t: F.max_pool2d(t, 2), (x,), torch.float32)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dims", [(64, 400, 120), (64, 120, 84), (64, 84, 10), (1, 3, 1), (0, 5, 4)])
-@pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_linear_matches_stock(device, dims, relu, bias):
-    n, k, o = dims
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(n, k, generator=g).to(device).requires_grad_()
-    w = (torch.randn(o, k, generator=g) / k**0.5).to(device).requires_grad_()
-    b = torch.randn(o, generator=g).to(device).requires_grad_() if bias else None
-    _compare_op(linear, ref_linear, (x, w, b, relu), torch.float32)
-
-
-# --- pooling ties and NaN: routing must match stock exactly ----------------------------
-@pytest.mark.parametrize("device", DEVICES)
-def test_maxpool_ties_and_nan(device):
-    nan = float("nan")
-    x = torch.tensor(
-        [
-            [1.0, 1.0, 2.0, nan, 0.0, 0.0],
-            [1.0, 1.0, nan, 5.0, 0.0, 0.0],
-            [nan, 3.0, -1.0, -1.0, 7.0, 1.0],
-            [2.0, nan, -1.0, -2.0, 7.0, 7.0],
-            [9.0, 9.0, 9.0, 9.0, 9.0, 9.0],  # odd rows: the 5th row is dropped
-        ]
-    ).reshape(1, 1, 5, 6)
-    x = x.to(device).requires_grad_()
-    y = maxpool2x2(x)
-    y_ref = F.max_pool2d(x, 2)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
-    g = torch.arange(1.0, 1.0 + y.numel()).reshape(y.shape).to(device)
-    (gx,) = torch.autograd.grad(y, x, g)
-    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
-    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_fused_ties_and_nan(device):
-    # zero weights: every conv output equals the bias, so every window is a tie.
-    x = torch.randn(2, 2, 7, 8).to(device).requires_grad_()
-    w = torch.zeros(3, 2, 3, 3).to(device).requires_grad_()
-    b = torch.tensor([0.5, -0.5, 0.0]).to(device).requires_grad_()
-    _compare_op(conv3x3_relu_maxpool2x2, ref_fused, (x, w, b, 1), torch.float32)
-    # NaN inputs propagate to the outputs they touch, exactly where stock puts them.
-    x = torch.randn(2, 2, 9, 9)
-    x[0, 1, 4, 4] = float("nan")
-    x[1, 0, 0, 0] = float("nan")
-    x = x.to(device)
-    wt = torch.randn(3, 2, 3, 3).to(device)
-    y = conv3x3_relu_maxpool2x2(x, wt, None, 0)
-    y_ref = ref_fused(x, wt, None, 0)
-    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
-    _close(y, y_ref, torch.float32)
-
-
-# --- float64 gradcheck ----------------------------------------------------------------
-GC_SHAPES = [(2, 2, 3, 6, 7, 0), (2, 3, 2, 5, 6, 1), (1, 1, 1, 4, 5, 0)]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", GC_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gradcheck_conv_ops(device, shape):
-    n, cin, cout, h, w, p = shape
-    x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float64, device, seed=7)
-    assert torch.autograd.gradcheck(lambda *a: conv3x3_relu_maxpool2x2(*a, p), (x, wt, b))
-    assert torch.autograd.gradcheck(lambda *a: conv3x3_relu(*a, p), (x, wt, b))
-    assert torch.autograd.gradcheck(lambda a, c: conv3x3_relu_maxpool2x2(a, c, None, p), (x, wt))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_maxpool_linear(device):
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(maxpool2x2, (x,))
-    a = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    w = torch.randn(3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    b = torch.randn(3, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    for relu in (True, False):
-        assert torch.autograd.gradcheck(lambda *t: linear(*t, relu), (a, w, b))
-        assert torch.autograd.gradcheck(lambda *t: linear(*t, None, relu), (a, w))
 
 
 def _head_inputs(dtype, device, n=4, widths=(5, 4, 3), seed=12):
@@ -223,35 +68,7 @@ def _head_inputs(dtype, device, n=4, widths=(5, 4, 3), seed=12):
     return as_leaf(x), [as_leaf(w) for w in weights], [as_leaf(b) for b in biases], target.to(device)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_mlp_cross_entropy(device):
-    x, weights, biases, target = _head_inputs(torch.float64, device)
-    L = len(weights)
-
-    def head(x, *params):  # both outputs, so both backward paths are checked
-        return mlp_cross_entropy(x, list(params[:L]), list(params[L:]), target)
-
-    assert torch.autograd.gradcheck(head, (x, *weights, *biases))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_float64_matches_stock(device):
-    x, wt, b = _conv_inputs(8, 3, 5, 12, 11, torch.float64, device, seed=5)
-    _compare_op(conv3x3_relu_maxpool2x2, ref_fused, (x, wt, b, 1), torch.float64)
-    _compare_op(conv3x3_relu, ref_conv_relu, (x, wt, b, 0), torch.float64)
-
-
-def test_first_layer_skips_input_grad():
-    x, wt, b = _conv_inputs(4, 1, 6, 28, 28, torch.float32, "cpu")
-    x.requires_grad_(False)
-    y = conv3x3_relu_maxpool2x2(x, wt, b, 0)
-    y.sum().backward()
-    assert x.grad is None and wt.grad is not None and b.grad is not None
-    out, idx = OPS.ext_conv3x3_relu_maxpool2x2(x, wt, b, 0)
-    gx, gw, gb = OPS.ext_conv3x3_relu_maxpool2x2_backward(torch.ones_like(out), idx, x, wt, 0, False, True)
-    assert gx.numel() == 0 and gw.shape == wt.shape and gb.shape == b.shape
-
-
+# --- the CPU engine paths: each must agree with the other path it replaces -------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(
     "shape",
@@ -265,7 +82,8 @@ def test_fused_forward_cin1_path_matches_channels_last_path(shape, dtype):
     # csrc/cpu_fused.h); adding a second, all-zero input channel with zero
     # weights sends the same conv through the channels-last engine with the
     # same per-output summation order (the extra terms add +0).  Values and
-    # winner codes must be bit-identical, including ties and NaN windows.
+    # winner codes must be bit-identical, including ties and NaN windows.  (Both
+    # against stock, these shapes included: tests/test_op_conv3x3_relu_maxpool2x2.py.)
     n, cout, h, w, p = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, h, w, generator=g, dtype=dtype)
@@ -285,7 +103,6 @@ def test_fused_forward_cin1_path_matches_channels_last_path(shape, dtype):
         assert torch.equal(out1.isnan(), out2.isnan())
         assert torch.equal(out1.nan_to_num(), out2.nan_to_num())
         assert torch.equal(out1.signbit(), out2.signbit())
-        torch.testing.assert_close(out1, ref_fused(x, wt, bias, p), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize(
@@ -296,7 +113,8 @@ def test_fused_forward_cin1_path_matches_channels_last_path(shape, dtype):
 def test_fused_backward_fast_path_matches_general_path(shape):
     # float32 with 1..8 input channels takes the winners-only backward of
     # csrc/cpu_fused.h; float64 takes the dense general path (cpu_conv.h).  Same
-    # codes, same gradients: they must agree (and both match stock elsewhere).
+    # codes, same gradients: they must agree to float32 rounding, GRAD_REL (and both
+    # match stock: tests/test_op_conv3x3_relu_maxpool2x2.py, float32 and float64).
     n, cin, cout, h, w, p = shape
     x, wt, b = _conv_inputs(n, cin, cout, h, w, torch.float32, "cpu", seed=21)
     out, idx = OPS.ext_conv3x3_relu_maxpool2x2(x, wt, b, p)
@@ -307,62 +125,18 @@ def test_fused_backward_fast_path_matches_general_path(shape):
         g.double(), idx, x.detach().double(), wt.detach().double(), p, True, True
     )
     for a, c, what in zip(fast, gen, ("grad_x", "grad_w", "grad_b")):
-        _close(a.double(), c, torch.float32, what)
+        assert_close_scaled(a, c, GRAD_REL, what)
     only_w = OPS.ext_conv3x3_relu_maxpool2x2_backward(g, idx, x.detach(), wt.detach(), p, False, True)
     only_x = OPS.ext_conv3x3_relu_maxpool2x2_backward(g, idx, x.detach(), wt.detach(), p, True, False)
     assert torch.equal(only_w[1], fast[1]) and torch.equal(only_w[2], fast[2]) and torch.equal(only_x[0], fast[0])
 
 
-# --- torch.library.opcheck on every registered op (CPU) -------------------------------
-def _opcheck_samples():
-    x, w, b = _conv_inputs(3, 2, 4, 8, 7, torch.float32, "cpu", seed=9)
-    out, idx = OPS.ext_conv3x3_relu_maxpool2x2(x, w, b, 1)
-    cr = OPS.ext_conv3x3_relu(x, w, b, 0)
-    px, pidx = OPS.ext_maxpool2x2(x)
-    a = torch.randn(5, 7, requires_grad=True)
-    lw = torch.randn(3, 7, requires_grad=True)
-    lb = torch.randn(3, requires_grad=True)
-    ly = OPS.ext_linear(a, lw, lb, True)
-    hx, hw, hb, ht = _head_inputs(torch.float32, "cpu")
-    _, logits, dlogits, hidden = OPS.ext_mlp_cross_entropy(hx, hw, hb, ht)
-    hx4 = leaf(hx.reshape(4, 2, 1, 3))  # a conv stack's (N, C, H, W) output, flattened by the op
-    d = lambda t: t.detach()  # noqa: E731
-    return [
-        ("ext_conv3x3_relu_maxpool2x2", (x, w, b, 1)),
-        ("ext_conv3x3_relu_maxpool2x2", (x, w, None, 0)),
-        ("ext_conv3x3_relu", (x, w, b, 1)),
-        ("ext_maxpool2x2", (x,)),
-        ("ext_linear", (a, lw, lb, True)),
-        ("ext_linear", (a, lw, None, False)),
-        ("ext_conv3x3_relu_maxpool2x2_backward", (torch.randn(out.shape), idx, d(x), d(w), 1, True, True)),
-        ("ext_conv3x3_relu_maxpool2x2_backward", (torch.randn(out.shape), idx, d(x), d(w), 1, False, True)),
-        ("ext_conv3x3_relu_backward", (torch.randn(cr.shape), d(cr), d(x), d(w), 0, True, True)),
-        ("ext_maxpool2x2_backward", (torch.randn(px.shape), pidx, d(x))),
-        ("ext_linear_backward", (torch.randn(ly.shape), d(ly), d(a), d(lw), True, True, True)),
-        ("ext_mlp_cross_entropy", (hx, hw, hb, ht)),
-        ("ext_mlp_cross_entropy", (hx4, hw, hb, ht)),
-        ("ext_count_correct", (logits, ht)),
-        ("ext_mlp_cross_entropy_backward",
-         (torch.tensor(0.5), torch.randn(logits.shape), dlogits, d(logits), d(hx), [d(w) for w in hw],
-          [d(h) for h in hidden], True, True)),
-        ("ext_mlp_cross_entropy_backward",
-         (torch.tensor(1.0), None, dlogits, d(logits), d(hx), [d(w) for w in hw], [d(h) for h in hidden],
-          False, True)),
-        ("ext_mlp_cross_entropy_backward",
-         (torch.tensor(1.0), None, dlogits, d(logits), d(hx4), [d(w) for w in hw], [d(h) for h in hidden],
-          True, True)),
-    ]
-
-
-@pytest.mark.parametrize("case", range(17))
-def test_opcheck(case):
-    name, args = _opcheck_samples()[case]
-    torch.library.opcheck(getattr(OPS, name).default, args)
-
-
-def test_every_op_is_opchecked():
-    table = {f"ext_{op.name}{suffix}" for op in lf_ops.OPS for suffix in ("", "_backward")}
-    assert {name for name, _ in _opcheck_samples()} == table | set(EXT_ONLY_OPCHECKED)
+# --- torch.library.opcheck of the ext-only op that opcheck can run ----------------------
+# (run_backward and ext_lenet_sgd_step have side effects; the table's ops for both kernel
+# backends: tests/test_op_table.py.)
+def test_opcheck_count_correct():
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(9))
+    torch.library.opcheck(count_correct, (logits, torch.tensor([0, 3, 9, 9, 1, 2])))
 
 
 # --- determinism ------------------------------------------------------------------------
@@ -418,8 +192,8 @@ def test_linear_deterministic_across_runs(shape):
 def test_linear_backward_deterministic_per_thread_count(shape):
     """The backward's two GEMMs run side by side, one per thread: for each thread count
     the gradients are the same bits run after run, and across thread counts they agree
-    to float32 GEMM rounding.  (Bitwise across thread counts is not promised: the bits
-    differed at 1024x400x120 on a 16-core GPU host, most likely MKL splitting a GEMM's
+    to float32 GEMM rounding (GRAD_REL).  (Bitwise across thread counts is not promised:
+    with many cores the bits differed at 1024x400x120, most likely MKL splitting a GEMM's
     reduction for the global thread count, as torch turns MKL's dynamic threading off.)"""
     n, k, o = shape
     g = torch.Generator().manual_seed(14)
@@ -436,8 +210,8 @@ def test_linear_backward_deterministic_per_thread_count(shape):
             by_count[count] = first
     finally:
         torch.set_num_threads(threads)
-    for a, c in zip(by_count[1], by_count[2]):
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-4)
+    for a, c, what in zip(by_count[1], by_count[2], ("grad_x", "grad_w", "grad_b")):
+        assert_close_scaled(a, c, GRAD_REL, what)
 
 
 def test_mlp_cross_entropy_deterministic_across_runs():
@@ -471,25 +245,7 @@ def test_pool_gradients_deterministic():
     assert torch.equal(_grads(maxpool2x2, (p,))[0], _grads(maxpool2x2, (p,))[0])
 
 
-# --- the model and torch.compile ----------------------------------------------------------
-def test_lenet_training_step_matches_torch():
-    import lenet_fast
-
-    torch.manual_seed(0)
-    ref = lenet_fast.TorchLeNet()
-    model = lenet_fast.LeNet(backend="ext")
-    model.load_state_dict(ref.state_dict())
-    x = torch.randn(64, 1, 28, 28)
-    y = torch.randint(0, 10, (64,))
-    F.cross_entropy(ref(x), y).backward()
-    loss, logits = model.forward_with_loss(x, y)  # what lenet_fast.train runs: the fused head
-    loss.backward()
-    _close(loss.detach(), F.cross_entropy(ref(x), y).detach(), torch.float32, "loss")
-    _close(logits.detach(), ref(x).detach(), torch.float32, "logits")
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        _close(p.grad, q.grad, torch.float32, name)
-
-
+# --- torch.compile: the same kernels in one graph, so the same bits ------------------------
 def test_torch_compile_fullgraph():
     x, w, b = _conv_inputs(4, 1, 6, 28, 28, torch.float32, "cpu")
 
@@ -497,7 +253,7 @@ def test_torch_compile_fullgraph():
         return conv3x3_relu_maxpool2x2(x, w, b, 0).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
+    assert torch.equal(compiled(x, w, b), f(x, w, b))
 
 
 def test_torch_compile_fullgraph_mlp_cross_entropy():
@@ -512,15 +268,15 @@ def test_torch_compile_fullgraph_mlp_cross_entropy():
     got = torch.autograd.grad(compiled(x, weights, biases), params)
     want = torch.autograd.grad(f(x, weights, biases), params)
     for a, c in zip(got, want):
-        torch.testing.assert_close(a, c)
+        assert torch.equal(a, c)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_failed_kernel_check_is_a_python_error(device):
-    """A failed TORCH_CHECK inside the extension reaches Python as an exception.  (On the
-    H200 machine, torch 2.11 / Python 3.12, the IndexError of an out-of-range target in
-    the CPU head killed the process instead; this separates "every C++ throw crashes
-    there" from "that one does".)"""
+    """A failed TORCH_CHECK inside the extension reaches Python as an exception.  (With one
+    build of torch 2.11 / Python 3.12 the IndexError of an out-of-range target in the CPU
+    head killed the process instead; this separates "every C++ throw crashes there" from
+    "that one does".)"""
     x, w = torch.randn(4, 5, device=device), torch.randn(3, 6, device=device)
     with pytest.raises(RuntimeError, match="linear expects x"):
         OPS.ext_linear(x, w, None, False)
@@ -563,17 +319,6 @@ Resource usage:
     assert row["kernel"].endswith("conv_fwd_kernel")
 
 
-def test_create_graph_is_refused_not_the_fast_path():
-    """Double backward is not supported: under create_graph=True the backward ops raise
-    (tests/test_edge_semantics.py checks every op and backend), instead of the
-    below-autograd fast path a plain backward() takes, with which the gradient would
-    silently not require grad."""
-    x = torch.randn(2, 1, 6, 6, requires_grad=True)
-    w = torch.randn(3, 1, 3, 3, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="ext_conv3x3_relu_maxpool2x2_backward"):
-        torch.autograd.grad(conv3x3_relu_maxpool2x2(x, w, None, 0).sum(), x, create_graph=True)
-
-
 # --- run_backward: loss.backward() started from C++ ---------------------------------------
 @pytest.mark.parametrize("backend", ["ext", "torch"])
 def test_run_backward_matches_loss_backward_bitwise(backend):
@@ -603,12 +348,12 @@ def test_training_step_uses_the_helpers_of_its_own_backend(backend):
     a LeNet on another backend (and the stock models the benchmarks compare against) uses
     torch's own loss.backward() and count: no extension call when another backend runs."""
     import lenet_fast
-    from lenet_fast import training
+    from lenet_fast import optim, training
 
     helpers = {"lenet_fast::run_backward": "backward", "lenet_fast::ext_count_correct": "count"}
     torch.manual_seed(0)
     model = lenet_fast.LeNet(backend=backend)
-    optimizer = lenet_fast.optim.make_optimizer(model.parameters(), "sgd", 0.05)
+    optimizer = optim.make_optimizer(model.parameters(), "sgd", 0.05)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:  # the ops called
         training.train_step(model, optimizer, x, y, fused=False)

@@ -1,12 +1,15 @@
-"""LeNet: shapes, state_dict interchange with the stock torch.nn model, and a training
-step on every backend matching the torch reference (loss and every gradient)."""
+"""LeNet: shapes, state_dict interchange with the stock torch.nn model, and training
+steps on every backend matching the stock model's (loss, correct count, every gradient
+and parameter)."""
 
 import pytest
 import torch
 
 import lenet_fast
-from helpers import assert_close_scaled, exact_tensor
+from helpers import FWD_REL, GRAD_REL, assert_close_scaled, exact_tensor
 from lenet_fast import LeNet, TorchLeNet
+from lenet_fast.optim import MOMENTUM, make_optimizer
+from lenet_fast.training import train_step
 
 STOCK_NAMES = {
     "conv1.weight": (6, 1, 3, 3), "conv1.bias": (6,),
@@ -73,27 +76,80 @@ def exact_model_and_batch(batch=32, seed=0):
     return state, images, labels
 
 
-def training_step(backend, device, state, images, labels, fused_head=False):
+def training_step(backend, device, state, images, labels):
+    """Forward, cross-entropy and backward of a LeNet on `backend` from `state`: (loss, grads)."""
     model = LeNet(backend=backend).to(device, images.dtype)
     model.load_state_dict(state)
-    if fused_head:
-        loss, _ = model.forward_with_loss(images.to(device), labels.to(device))
-    else:
-        loss = torch.nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
+    loss = torch.nn.functional.cross_entropy(model(images.to(device)), labels.to(device))
     loss.backward()
     return loss.detach(), {k: p.grad for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("fused_head", [False, True], ids=["forward", "forward_with_loss"])
-def test_training_step_matches_torch(backend_device, fused_head):
+# Where train_step's default (fused=True) takes the backend's whole-step path once the
+# optimizer's momentum buffers exist (from the second step on): the ext backend's one op
+# on the CPU, the triton backend's four launches.
+WHOLE_STEP = {("ext", "cpu"), ("triton", "cpu"), ("triton", "cuda")}
+LR, WEIGHT_DECAY = 0.05, 5e-4
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "op_by_op"])
+def test_training_step_matches_torch(backend_device, fused, monkeypatch):
+    """Two steps of lenet_fast.training.train_step (SGD with Nesterov momentum, as
+    lenet_fast.train runs it) against the stock TorchLeNet's steps with torch.optim.SGD
+    in float64 from the same state (and, op by op, LeNet.forward's logits and gradients).
+    Stated tolerances: loss and logits FWD_REL; gradients and parameters GRAD_REL (a
+    parameter moves by lr times its gradient); the correct count exactly (no two logits of
+    a row are close enough at these seeds for rounding to change the argmax).
+    Exact-arithmetic images and conv parameters make the first step's conv stages bitwise
+    those of the reference, so the pooling winners agree."""
     backend, device = backend_device
-    state, images, labels = exact_model_and_batch()
-    ref_loss, ref_grads = training_step("torch", "cpu", {k: v.double() for k, v in state.items()},
-                                        images.double(), labels)
-    loss, grads = training_step(backend, device, state, images, labels, fused_head)
-    assert_close_scaled(loss, ref_loss, 1e-5, "loss")
-    for name, ref in ref_grads.items():
-        assert_close_scaled(grads[name], ref, 5e-5, f"grad of {name}")
+    state, images, labels = exact_model_and_batch(batch=64)
+    batches = [(images[:32], labels[:32]), (images[32:], labels[32:])]
+
+    reference = TorchLeNet().double()
+    reference.load_state_dict({k: v.double() for k, v in state.items()})
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                                    weight_decay=WEIGHT_DECAY)
+    model = LeNet(backend=backend).to(device)
+    model.load_state_dict(state)
+    optimizer = make_optimizer(model.parameters(), "sgd", LR, weight_decay=WEIGHT_DECAY)
+
+    impl, whole_steps = model.implementation(), []
+    backend_train_step = impl.train_step
+
+    def recording_train_step(*args):
+        done = backend_train_step(*args)
+        whole_steps.append(done is not None)
+        return done
+
+    if not fused:
+        # LeNet.forward too (what inference runs: linear ops where training runs the fused
+        # head), with stock cross_entropy and loss.backward(): logits and gradients.
+        x, y = batches[0]
+        logits, ref_logits = model(x.to(device)), reference(x.double())
+        assert_close_scaled(logits, ref_logits, FWD_REL, "logits of LeNet.forward")
+        torch.nn.functional.cross_entropy(logits, y.to(device)).backward()
+        torch.nn.functional.cross_entropy(ref_logits, y).backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert_close_scaled(p.grad, q.grad, GRAD_REL, f"LeNet.forward: grad of {name}")
+
+    monkeypatch.setattr(impl, "train_step", recording_train_step)
+    for step, (x, y) in enumerate(batches):
+        ref_loss, ref_correct = train_step(reference, ref_optimizer, x.double(), y)
+        loss, correct = train_step(model, optimizer, x.to(device), y.to(device), fused=fused)
+        assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == torch.device(device).type
+        assert_close_scaled(loss, ref_loss, FWD_REL, f"step {step}: loss")
+        assert correct.item() == ref_correct.item(), f"step {step}: correct count"
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert_close_scaled(p.grad, q.grad, GRAD_REL, f"step {step}: grad of {name}")
+            assert_close_scaled(p, q, GRAD_REL, f"step {step}: {name} after the update")
+    # fused=False never asks the backend for a whole step; with fused=True the first step
+    # creates the momentum buffers, and the second must take the whole-step path where
+    # there is one, or this test would not test it.
+    if not fused:
+        assert whole_steps == []
+    else:
+        assert whole_steps == [False, (backend, device) in WHOLE_STEP]
 
 
 def test_backward_is_deterministic(backend_device, monkeypatch):
@@ -129,8 +185,8 @@ def test_parametrized_weight_is_used():
     for model in (stock, ours):
         parametrize.register_parametrization(model.fc1, "weight", Doubled())
     x, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 2, 3])
-    torch.testing.assert_close(ours(x), stock(x))
-    torch.testing.assert_close(ours.forward_with_loss(x, y)[0], torch.nn.functional.cross_entropy(stock(x), y))
+    assert torch.equal(ours(x), stock(x))  # the torch backend runs the stock functions
+    assert torch.equal(ours.forward_with_loss(x, y)[0], torch.nn.functional.cross_entropy(stock(x), y))
 
 
 def test_rejects_bad_target():

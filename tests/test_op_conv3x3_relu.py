@@ -4,20 +4,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import check_op, exact_tensor
+from helpers import F64_REL, LAYOUTS, check_op, exact_tensor, skip_unless_dtype
 from lenet_fast import ops
 
 # (N, C_in, H, W, C_out, padding): LeNet's two layers at batch 64, then the edges:
-# batch 1, odd and non-square sizes, the smallest image, padding 1, C_in 1 and C_out 1,
-# 64 channels, and an empty batch.
+# batch 1 (at LeNet's first layer too), odd and non-square sizes, the smallest image,
+# padding 1, C_in 1 and C_out 1, channel counts that are not multiples of the CPU
+# kernels' blocks (13 in, 9 out), 64 channels, and an empty batch.
 SHAPES = [
     (64, 1, 28, 28, 6, 0),
     (64, 6, 13, 13, 16, 0),
+    (1, 1, 28, 28, 6, 0),
     (1, 1, 3, 3, 1, 0),
     (1, 3, 5, 7, 4, 1),
     (3, 2, 9, 4, 1, 0),
     (2, 1, 1, 1, 3, 1),
     (2, 5, 6, 11, 7, 1),
+    (2, 13, 5, 4, 9, 0),
     (1, 64, 5, 4, 64, 1),
     (0, 6, 13, 13, 16, 0),
 ]
@@ -78,21 +81,47 @@ def test_first_layer_needs_no_input_grad(backend_device):
     )
 
 
-def test_without_bias(backend_device):
+@pytest.mark.parametrize("shape", [(2, 3, 7, 6, 5, 1), (64, 6, 13, 13, 16, 0), (2, 1, 6, 6, 1, 1),
+                                   (2, 13, 5, 4, 9, 0), (0, 3, 8, 8, 4, 0)], ids=lambda s: "x".join(map(str, s)))
+def test_without_bias(backend_device, shape):
     backend, device = backend_device
-    x, weight, _ = conv_inputs(2, 3, 7, 6, 5)
+    *size, padding = shape
+    x, weight, _ = conv_inputs(*size)
     check_op(
-        lambda x, w: ops.conv3x3_relu(x, w, None, padding=1, backend=backend),
-        lambda x, w: reference(x, w, None, 1),
+        lambda x, w: ops.conv3x3_relu(x, w, None, padding=padding, backend=backend),
+        lambda x, w: reference(x, w, None, padding),
         [x, weight],
         device=device,
     )
 
 
-def test_non_contiguous_input(backend_device):
+# Small shapes, both paddings, Gaussian values: a float64 kernel must match stock to
+# float64 rounding (F64_REL).
+F64_SHAPES = [(2, 2, 6, 7, 3, 0), (2, 3, 5, 6, 2, 1), (1, 1, 4, 5, 1, 0), (8, 3, 12, 11, 5, 0)]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", F64_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float64(backend_device, shape, bias):
     backend, device = backend_device
-    x, weight, bias = conv_inputs(3, 4, 12, 10, 5)
-    x_strided = x.to(device).to(memory_format=torch.channels_last)[:, :, 1:, ::2]
-    out = ops.conv3x3_relu(x_strided, weight.to(device), bias.to(device), backend=backend)
-    expected = reference(x[:, :, 1:, ::2].double(), weight.double(), bias.double(), 0)
-    torch.testing.assert_close(out.cpu().double(), expected, rtol=0, atol=1e-5)
+    skip_unless_dtype(backend, torch.float64)
+    *size, padding = shape
+    x, weight, b = (t.double() for t in conv_inputs(*size, seed=7, exact=False))
+    check_op(
+        lambda x, w, b=None: ops.conv3x3_relu(x, w, b, padding=padding, backend=backend),
+        lambda x, w, b=None: reference(x, w, b, padding),
+        [x, weight, b] if bias else [x, weight],
+        device=device, fwd_rel=F64_REL, grad_rel=F64_REL,
+    )
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_non_contiguous_inputs_and_gradient(backend_device, layout):
+    """x, weight, bias and the upstream gradient in a non-contiguous layout."""
+    backend, device = backend_device
+    check_op(
+        lambda x, w, b: ops.conv3x3_relu(x, w, b, padding=1, backend=backend),
+        lambda x, w, b: reference(x, w, b, 1),
+        conv_inputs(3, 4, 12, 10, 5),
+        device=device, layout=LAYOUTS[layout],
+    )

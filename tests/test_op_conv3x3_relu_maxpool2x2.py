@@ -9,28 +9,42 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import check_op
+from helpers import F64_REL, LAYOUTS, check_op, skip_unless_dtype
 from lenet_fast import ops
 from test_op_conv3x3_relu import conv_inputs
 
-# (N, C_in, H, W, C_out, padding): LeNet's two stages at batch 64, then batch 1 with the
-# smallest image that pools (4x4), odd sizes whose last conv row/column is dropped by
-# the floor-mode pooling, padding 1 (a 3x3 image pools to 1x1), C_out 1, 64 channels,
-# an image wide enough that one pooled row spans two vector blocks of the CPU kernel
-# (17 pooled columns), 5 channels with padding on a row of 10 pixels (the CPU
-# backward's channels-last conversion: one whole 8-pixel block and one overlapping
-# it), and an empty batch.
+# (N, C_in, H, W, C_out, padding): LeNet's two stages at batch 64 and its first at batch 1,
+# then batch 1 with the smallest image that pools (4x4), odd sizes whose last conv
+# row/column is dropped by the floor-mode pooling, padding 1 (a 3x3 image pools to 1x1),
+# C_out 1, 64 channels, and an empty batch.  For the CPU kernels: an image wide enough
+# that one pooled row spans two vector blocks (17 pooled columns); one input channel
+# (the pixel-vectorised forward) with a pooled width a multiple of the vector width from
+# an odd conv width (19 -> 17 -> 8), and with padding (9x18, 11x35, 28x28); 5 channels
+# with padding on a row of 10 pixels (the backward's channels-last conversion: one
+# whole 8-pixel block and one overlapping it); 8 input channels, the most the float32
+# winners-only backward takes, and 13 (with 9 outputs, neither a multiple of a block),
+# past it.  For the Triton kernels: enough pixels that the weight gradient's reduction
+# is split over several programs (9x2x30x30).
 SHAPES = [
     (64, 1, 28, 28, 6, 0),
     (64, 6, 13, 13, 16, 0),
+    (1, 1, 28, 28, 6, 0),
     (2, 5, 11, 10, 7, 1),
     (1, 1, 4, 4, 1, 0),
     (2, 3, 7, 6, 5, 1),
     (3, 2, 9, 8, 4, 0),
+    (3, 2, 9, 11, 5, 0),
     (1, 2, 3, 3, 2, 1),
     (2, 1, 5, 5, 1, 1),
     (1, 64, 4, 5, 64, 1),
     (2, 1, 36, 35, 3, 1),
+    (3, 1, 12, 19, 5, 0),
+    (2, 1, 9, 18, 3, 1),
+    (2, 1, 11, 35, 7, 1),
+    (5, 1, 28, 28, 6, 1),
+    (3, 8, 7, 9, 3, 1),
+    (2, 13, 5, 4, 9, 0),
+    (9, 2, 30, 30, 3, 0),
     (0, 6, 13, 13, 16, 0),
 ]
 
@@ -50,12 +64,14 @@ def test_matches_stock(backend_device, shape):
     check_op(fused(backend, padding), lambda x, w, b: reference(x, w, b, padding), conv_inputs(*size), device=device)
 
 
-def test_first_layer_needs_no_input_grad(backend_device):
+@pytest.mark.parametrize("shape", [(4, 1, 10, 10, 6), (64, 1, 28, 28, 6)], ids=lambda s: "x".join(map(str, s)))
+def test_first_layer_needs_no_input_grad(backend_device, shape):
+    """LeNet's first stage: the images want no gradient, the parameters do."""
     backend, device = backend_device
     check_op(
         fused(backend, 0),
         lambda x, w, b: reference(x, w, b, 0),
-        conv_inputs(4, 1, 10, 10, 6, seed=5),
+        conv_inputs(*shape, seed=5),
         device=device,
         needs_grad=[False, True, True],
     )
@@ -85,15 +101,43 @@ def test_constant_image_ties_route_to_first(backend_device):
     assert out.shape == (2, 4, 2, 2)
 
 
-def test_nan_input_propagates(backend_device):
+# (N, C_in, H, W, C_out, padding, bias, NaN places): inside a padded image; at a corner and
+# in another sample, without bias; one input channel (the CPU's pixel-vectorised forward)
+# with NaN windows, and a zero region whose windows tie at the bias or are masked.
+NAN_CASES = {
+    "padded": ((1, 2, 8, 8, 3, 1), True, [(0, 1, 3, 4)]),
+    "corner-nobias": ((2, 2, 9, 9, 3, 0), False, [(0, 1, 4, 4), (1, 0, 0, 0)]),
+    "cin1": ((3, 1, 12, 19, 5, 0), True, [(0, 0, 6, 9), (2, 0, 0, 0), (2, 0, 0, 1), (2, 0, 0, 2)]),
+}
+
+
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_input_propagates(backend_device, case):
+    """NaN reaches exactly the outputs it touches in stock (check_op compares NaN places)."""
     backend, device = backend_device
-    x, weight, bias = conv_inputs(1, 2, 8, 8, 3, seed=2)
-    x[0, 1, 3, 4] = float("nan")
+    (*size, padding), bias, places = NAN_CASES[case]
+    x, weight, b = conv_inputs(*size, seed=2)
+    for place in places:
+        x[place] = float("nan")
+    if case == "cin1":
+        x[-1, 0, -1, -2:] = 0.0
+        weight[0] = 0.0
+    inputs = [x, weight, b] if bias else [x, weight]
     out = check_op(
-        fused(backend, 1), lambda x, w, b: reference(x, w, b, 1), [x, weight, bias], device=device,
-        needs_grad=[False, False, False],
+        lambda x, w, b=None: ops.conv3x3_relu_maxpool2x2(x, w, b, padding=padding, backend=backend),
+        lambda x, w, b=None: reference(x, w, b, padding), inputs, device=device, needs_grad=[False] * len(inputs),
     )
     assert torch.isnan(out).any()
+
+
+def test_zero_weights_every_window_ties(backend_device):
+    """Zero weights: every conv output is its channel's bias, so every window is a four-way
+    tie, positive (routed to the first), negative (masked by ReLU) or exactly zero."""
+    backend, device = backend_device
+    x, _, _ = conv_inputs(2, 2, 7, 8, 3, seed=6)
+    weight = torch.zeros(3, 2, 3, 3)
+    bias = torch.tensor([0.5, -0.5, 0.0])
+    check_op(fused(backend, 1), lambda x, w, b: reference(x, w, b, 1), [x, weight, bias], device=device)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's 0 * inf in the interpreter
@@ -131,9 +175,45 @@ def test_random_normal_inputs_forward(backend_device):
     )
 
 
-def test_non_contiguous_input(backend_device):
+@pytest.mark.parametrize("shape", [(2, 3, 7, 6, 5, 1), (3, 1, 12, 19, 5, 0), (64, 6, 13, 13, 16, 0),
+                                   (2, 13, 5, 4, 9, 0), (0, 6, 13, 13, 16, 0)], ids=lambda s: "x".join(map(str, s)))
+def test_without_bias(backend_device, shape):
     backend, device = backend_device
-    x, weight, bias = conv_inputs(2, 6, 13, 13, 16, seed=4)
-    x_strided = x.to(device).to(memory_format=torch.channels_last)
-    out = ops.conv3x3_relu_maxpool2x2(x_strided, weight.to(device), bias.to(device), backend=backend)
-    assert torch.equal(out.cpu(), reference(x, weight, bias, 0))
+    *size, padding = shape
+    x, weight, _ = conv_inputs(*size)
+    check_op(
+        lambda x, w: ops.conv3x3_relu_maxpool2x2(x, w, None, padding=padding, backend=backend),
+        lambda x, w: reference(x, w, None, padding),
+        [x, weight],
+        device=device,
+    )
+
+
+# Small shapes, both paddings, one input channel, Gaussian values: a float64 kernel must
+# match stock to float64 rounding (F64_REL).
+F64_SHAPES = [(2, 2, 6, 7, 3, 0), (2, 3, 5, 6, 2, 1), (1, 1, 4, 5, 1, 0), (8, 3, 12, 11, 5, 1), (3, 1, 12, 19, 5, 0)]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", F64_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float64(backend_device, shape, bias):
+    backend, device = backend_device
+    skip_unless_dtype(backend, torch.float64)
+    *size, padding = shape
+    x, weight, b = (t.double() for t in conv_inputs(*size, seed=7, exact=False))
+    check_op(
+        lambda x, w, b=None: ops.conv3x3_relu_maxpool2x2(x, w, b, padding=padding, backend=backend),
+        lambda x, w, b=None: reference(x, w, b, padding),
+        [x, weight, b] if bias else [x, weight],
+        device=device, fwd_rel=F64_REL, grad_rel=F64_REL,
+    )
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 13, 13, 16, 0), (2, 3, 7, 8, 4, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_non_contiguous_inputs_and_gradient(backend_device, layout, shape):
+    """x, weight, bias and the upstream gradient in a non-contiguous layout."""
+    backend, device = backend_device
+    *size, padding = shape
+    check_op(fused(backend, padding), lambda x, w, b: reference(x, w, b, padding), conv_inputs(*size, seed=4),
+             device=device, layout=LAYOUTS[layout])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import check_op
+from helpers import F64_REL, LAYOUTS, check_op, skip_unless_dtype
 from lenet_fast import ops
 
 # (batch, in_features, out_features, relu): LeNet's three layers at batch 64, then
@@ -63,10 +63,43 @@ def test_without_bias_and_leading_dims(backend_device):
     )
 
 
-def test_non_contiguous_input(backend_device):
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("size", [(64, 400, 120), (64, 84, 10), (1, 3, 1), (0, 5, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_relu_and_bias_options(backend_device, size, relu, bias):
     backend, device = backend_device
-    x, weight, bias = linear_inputs(40, 16, 8, seed=2)
-    x_t = x.to(device).t().contiguous().t()  # column-major
-    out = ops.linear(x_t, weight.to(device), bias.to(device), relu=True, backend=backend)
-    torch.testing.assert_close(out.cpu().double(), reference(x.double(), weight.double(), bias.double(), True),
-                               rtol=0, atol=1e-5)
+    x, weight, b = linear_inputs(*size, seed=4)
+    check_op(
+        lambda x, w, b=None: ops.linear(x, w, b, relu=relu, backend=backend),
+        lambda x, w, b=None: reference(x, w, b, relu),
+        [x, weight, b] if bias else [x, weight],
+        device=device,
+    )
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_float64(backend_device, relu, bias):
+    """A float64 kernel must match stock to float64 rounding (F64_REL)."""
+    backend, device = backend_device
+    skip_unless_dtype(backend, torch.float64)
+    x, weight, b = (t.double() for t in linear_inputs(4, 5, 3, seed=11))
+    check_op(
+        lambda x, w, b=None: ops.linear(x, w, b, relu=relu, backend=backend),
+        lambda x, w, b=None: reference(x, w, b, relu),
+        [x, weight, b] if bias else [x, weight],
+        device=device, fwd_rel=F64_REL, grad_rel=F64_REL,
+    )
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_non_contiguous_inputs_and_gradient(backend_device, layout):
+    """x, weight, bias and the upstream gradient in a non-contiguous layout."""
+    backend, device = backend_device
+    check_op(
+        lambda x, w, b: ops.linear(x, w, b, relu=True, backend=backend),
+        lambda x, w, b: reference(x, w, b, True),
+        linear_inputs(40, 16, 8, seed=2),
+        device=device, layout=LAYOUTS[layout],
+    )

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import check_op, exact_tensor
+from helpers import LAYOUTS, check_op, exact_tensor, skip_unless_dtype
 from lenet_fast import ops
 
 # LeNet's two pooling inputs at batch 64 (11x11 is odd: floor mode drops the last row
@@ -52,9 +52,43 @@ def test_nan_wins_and_propagates(backend_device):
     assert torch.isnan(out.cpu()).tolist() == [[[[True, True], [True, False]]]]
 
 
-def test_random_values_and_non_contiguous(backend_device):
+def test_ties_and_nan_with_a_dropped_row(backend_device):
+    """Ties, NaN beside ties, NaN in two windows of one row, and an odd fifth row of nines
+    that floor mode drops (its gradient is zero)."""
+    backend, device = backend_device
+    nan = float("nan")
+    x = torch.tensor(
+        [
+            [1.0, 1.0, 2.0, nan, 0.0, 0.0],
+            [1.0, 1.0, nan, 5.0, 0.0, 0.0],
+            [nan, 3.0, -1.0, -1.0, 7.0, 1.0],
+            [2.0, nan, -1.0, -2.0, 7.0, 7.0],
+            [9.0, 9.0, 9.0, 9.0, 9.0, 9.0],
+        ]
+    ).reshape(1, 1, 5, 6)
+    check_op(pool(backend), reference, [x], device=device, fwd_rel=0, grad_rel=0)
+
+
+def test_random_values(backend_device):
     backend, device = backend_device
     x = torch.randn(2, 8, 10, 12, generator=torch.Generator().manual_seed(3))
-    x_strided = x.to(device).transpose(2, 3)
-    out = ops.maxpool2x2(x_strided, backend=backend)
-    assert torch.equal(out.cpu(), reference(x.transpose(2, 3)))
+    check_op(pool(backend), reference, [x], device=device, fwd_rel=0, grad_rel=0)
+
+
+def test_float64(backend_device):
+    backend, device = backend_device
+    skip_unless_dtype(backend, torch.float64)
+    x = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    check_op(pool(backend), reference, [x], device=device, fwd_rel=0, grad_rel=0)
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "transposed"])
+def test_non_contiguous_input_and_gradient(backend_device, layout):
+    """x and the upstream gradient in a non-contiguous layout (or x a transposed view)."""
+    backend, device = backend_device
+    x = torch.randn(2, 8, 10, 12, generator=torch.Generator().manual_seed(3))
+    if layout == "transposed":
+        check_op(lambda t: ops.maxpool2x2(t.transpose(2, 3), backend=backend),
+                 lambda t: reference(t.transpose(2, 3)), [x], device=device, fwd_rel=0, grad_rel=0)
+        return
+    check_op(pool(backend), reference, [x], device=device, fwd_rel=0, grad_rel=0, layout=LAYOUTS[layout])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import FWD_REL, GRAD_REL, assert_close_scaled, head_inputs, leaf
+from helpers import F64_REL, FWD_REL, GRAD_REL, assert_close_scaled, head_inputs, leaf, skip_unless_dtype
 from lenet_fast import ops
 
 # (batch, in_features, layer widths): LeNet's head at batch 64, then the edges: one layer,
@@ -45,21 +45,34 @@ def run(fn, x, weights, biases, target, device, dtype, reach=("loss", "logits"))
     return loss, logits, grads
 
 
-def compare(backend, device, inputs, reach=("loss", "logits")):
-    loss, logits, grads = run(lambda *a: ops.mlp_cross_entropy(*a, backend=backend), *inputs, device, torch.float32,
-                              reach)
+def compare(backend, device, inputs, reach=("loss", "logits"), dtype=torch.float32):
+    """The backend in `dtype` against the reference in float64: FWD_REL / GRAD_REL for
+    float32, F64_REL for float64."""
+    loss, logits, grads = run(lambda *a: ops.mlp_cross_entropy(*a, backend=backend), *inputs, device, dtype, reach)
     ref_loss, ref_logits, ref_grads = run(reference, *inputs, "cpu", torch.float64, reach)
-    assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == torch.device(device).type
-    assert_close_scaled(loss, ref_loss, FWD_REL, "loss")
-    assert_close_scaled(logits, ref_logits, FWD_REL, "logits")
+    fwd_rel, grad_rel = (FWD_REL, GRAD_REL) if dtype == torch.float32 else (F64_REL, F64_REL)
+    assert loss.shape == () and loss.dtype == dtype and loss.device.type == torch.device(device).type
+    assert_close_scaled(loss, ref_loss, fwd_rel, "loss")
+    assert_close_scaled(logits, ref_logits, fwd_rel, "logits")
     for i, (got, want) in enumerate(zip(grads, ref_grads)):
-        assert_close_scaled(got, want, GRAD_REL, f"gradient of input {i}")
+        assert_close_scaled(got, want, grad_rel, f"gradient of input {i}")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-" + "-".join(map(str, s[2])))
 def test_matches_stock(backend_device, shape):
     backend, device = backend_device
     compare(backend, device, head_inputs(*shape))
+
+
+@pytest.mark.parametrize("shape", [(4, 6, (5, 4, 3)), (64, 400, (120, 84, 10))],
+                         ids=lambda s: f"{s[0]}x{s[1]}-" + "-".join(map(str, s[2])))
+def test_float64(backend_device, shape):
+    """Both outputs reached, so both backward paths run in float64."""
+    backend, device = backend_device
+    skip_unless_dtype(backend, torch.float64)
+    x, weights, biases, target = head_inputs(*shape, seed=12)
+    compare(backend, device, (x.double(), [w.double() for w in weights], [b.double() for b in biases], target),
+            dtype=torch.float64)
 
 
 @pytest.mark.parametrize("reach", ["loss", "logits"])
