@@ -65,3 +65,23 @@ inline NeedGrads need_grads(AutogradContext* ctx) {
 }
 
 }  // namespace lenet_fast
+
+// Registers the table op lenet_fast::ext_<name> (and ext_<name>_backward): the forward and
+// backward kernels for CPU (and CUDA, when built with it), and the autograd kernel.  Use it
+// once per op file, at namespace scope.  The kernels branch on the device themselves.
+#ifdef LENET_FAST_WITH_CUDA
+#define LENET_FAST_REGISTER_CUDA_(name, forward, backward) \
+  TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) {               \
+    m.impl("ext_" name, forward);                          \
+    m.impl("ext_" name "_backward", backward);             \
+  }
+#else
+#define LENET_FAST_REGISTER_CUDA_(name, forward, backward)
+#endif
+#define LENET_FAST_REGISTER_OP(name, forward, backward, autograd)                  \
+  TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) {                                         \
+    m.impl("ext_" name, forward);                                                  \
+    m.impl("ext_" name "_backward", backward);                                     \
+  }                                                                                \
+  LENET_FAST_REGISTER_CUDA_(name, forward, backward)                               \
+  TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) { m.impl("ext_" name, autograd); }

@@ -153,17 +153,8 @@ at::Tensor conv3x3_relu_autograd(const at::Tensor& x, const at::Tensor& w, const
   return ConvReluFn::apply(x, w, b, pad);
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("ext_conv3x3_relu", &conv3x3_relu_fwd);
-  m.impl("ext_conv3x3_relu_backward", &conv3x3_relu_bwd);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
-#ifdef LENET_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
-#endif
-TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) { m.impl("ext_conv3x3_relu", &conv3x3_relu_autograd); }
+LENET_FAST_REGISTER_OP("conv3x3_relu", &conv3x3_relu_fwd, &conv3x3_relu_bwd, &conv3x3_relu_autograd)
 
 }  // namespace lenet_fast

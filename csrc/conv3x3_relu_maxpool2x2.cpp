@@ -181,19 +181,9 @@ std::tuple<at::Tensor, at::Tensor> conv3x3_relu_maxpool2x2_autograd(const at::Te
   return {r[0], r[1]};
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("ext_conv3x3_relu_maxpool2x2", &conv3x3_relu_maxpool2x2_fwd);
-  m.impl("ext_conv3x3_relu_maxpool2x2_backward", &conv3x3_relu_maxpool2x2_bwd);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
-#ifdef LENET_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
-#endif
-TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) {
-  m.impl("ext_conv3x3_relu_maxpool2x2", &conv3x3_relu_maxpool2x2_autograd);
-}
+LENET_FAST_REGISTER_OP("conv3x3_relu_maxpool2x2", &conv3x3_relu_maxpool2x2_fwd, &conv3x3_relu_maxpool2x2_bwd,
+                       &conv3x3_relu_maxpool2x2_autograd)
 
 }  // namespace lenet_fast

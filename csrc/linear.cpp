@@ -299,17 +299,8 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& w, const std::
   return LinearFn::apply(x, w, b, relu);
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("ext_linear", &linear_fwd);
-  m.impl("ext_linear_backward", &linear_bwd);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
-#ifdef LENET_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
-#endif
-TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) { m.impl("ext_linear", &linear_autograd); }
+LENET_FAST_REGISTER_OP("linear", &linear_fwd, &linear_bwd, &linear_autograd)
 
 }  // namespace lenet_fast

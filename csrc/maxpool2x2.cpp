@@ -147,17 +147,8 @@ std::tuple<at::Tensor, at::Tensor> maxpool2x2_autograd(const at::Tensor& x) {
   return {r[0], r[1]};
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("ext_maxpool2x2", &maxpool2x2_fwd);
-  m.impl("ext_maxpool2x2_backward", &maxpool2x2_bwd);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
-#ifdef LENET_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
-#endif
-TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) { m.impl("ext_maxpool2x2", &maxpool2x2_autograd); }
+LENET_FAST_REGISTER_OP("maxpool2x2", &maxpool2x2_fwd, &maxpool2x2_bwd, &maxpool2x2_autograd)
 
 }  // namespace lenet_fast

@@ -208,17 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_cros
   return {r[0], r[1], r[2], std::vector<at::Tensor>(r.begin() + 3, r.end())};
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("ext_mlp_cross_entropy", &mlp_cross_entropy_fwd);
-  m.impl("ext_mlp_cross_entropy_backward", &mlp_cross_entropy_bwd);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lenet_fast, CPU, m) { register_kernels(m); }
-#ifdef LENET_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(lenet_fast, CUDA, m) { register_kernels(m); }
-#endif
-TORCH_LIBRARY_IMPL(lenet_fast, Autograd, m) { m.impl("ext_mlp_cross_entropy", &mlp_cross_entropy_autograd); }
+LENET_FAST_REGISTER_OP("mlp_cross_entropy", &mlp_cross_entropy_fwd, &mlp_cross_entropy_bwd, &mlp_cross_entropy_autograd)
 
 }  // namespace lenet_fast

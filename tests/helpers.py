@@ -196,3 +196,8 @@ def assert_one_error_line(code, err, tool, *fragments):
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
+
+
+# A backward op's (input_grad, weight_grad) flags, by the case they make (the op tests'
+# opcheck_samples).
+GRAD_FLAGS = {"all": (True, True), "no-input-grad": (False, True), "no-weight-grad": (True, False)}

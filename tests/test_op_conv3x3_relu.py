@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import F64_REL, LAYOUTS, check_op, exact_tensor, skip_unless_dtype
+from helpers import F64_REL, GRAD_FLAGS, LAYOUTS, check_op, exact_tensor, leaf, skip_unless_dtype
 from lenet_fast import ops
 
 # (N, C_in, H, W, C_out, padding): LeNet's two layers at batch 64, then the edges:
@@ -125,3 +125,19 @@ def test_non_contiguous_inputs_and_gradient(backend_device, layout):
         conv_inputs(3, 4, 12, 10, 5),
         device=device, layout=LAYOUTS[layout],
     )
+
+
+# --------------------------------------------------------------------------- opcheck samples
+
+
+def opcheck_samples(op, randn):
+    """{(op name, case): arguments} for tests/test_op_table.py's opcheck and fake checks of
+    the op and its backward; op(name) is the backend's registered op, randn(*shape) a
+    seeded tensor on the device."""
+    x, w, b = leaf(randn(3, 2, 8, 7)), leaf(randn(4, 2, 3, 3) / 4), leaf(randn(4) / 10)
+    with torch.no_grad():
+        out = op("conv3x3_relu")(x, w, b, 0)
+    grad = randn(*out.shape)
+    return {("conv3x3_relu", "padding"): (x, w, b, 1), ("conv3x3_relu", "nobias"): (x, w, None, 0),
+            **{("conv3x3_relu_backward", case): (grad, out, x.detach(), w.detach(), 0, *flags)
+               for case, flags in GRAD_FLAGS.items()}}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import F64_REL, LAYOUTS, check_op, skip_unless_dtype
+from helpers import F64_REL, GRAD_FLAGS, LAYOUTS, check_op, leaf, skip_unless_dtype
 from lenet_fast import ops
 from test_op_conv3x3_relu import conv_inputs
 
@@ -217,3 +217,18 @@ def test_non_contiguous_inputs_and_gradient(backend_device, layout, shape):
     *size, padding = shape
     check_op(fused(backend, padding), lambda x, w, b: reference(x, w, b, padding), conv_inputs(*size, seed=4),
              device=device, layout=LAYOUTS[layout])
+
+
+# --------------------------------------------------------------------------- opcheck samples
+
+
+def opcheck_samples(op, randn):
+    """{(op name, case): arguments} for tests/test_op_table.py (see test_op_conv3x3_relu.py)."""
+    x, w, b = leaf(randn(3, 2, 8, 7)), leaf(randn(4, 2, 3, 3) / 4), leaf(randn(4) / 10)
+    with torch.no_grad():
+        pooled, code = op("conv3x3_relu_maxpool2x2")(x, w, b, 1)
+    grad = randn(*pooled.shape)
+    return {("conv3x3_relu_maxpool2x2", "padding"): (x, w, b, 1),
+            ("conv3x3_relu_maxpool2x2", "nobias"): (x, w, None, 0),
+            **{("conv3x3_relu_maxpool2x2_backward", case): (grad, code, x.detach(), w.detach(), 1, *flags)
+               for case, flags in GRAD_FLAGS.items()}}

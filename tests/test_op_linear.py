@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import F64_REL, LAYOUTS, check_op, skip_unless_dtype
+from helpers import F64_REL, GRAD_FLAGS, LAYOUTS, check_op, leaf, skip_unless_dtype
 from lenet_fast import ops
 
 # (batch, in_features, out_features, relu): LeNet's three layers at batch 64, then
@@ -103,3 +103,17 @@ def test_non_contiguous_inputs_and_gradient(backend_device, layout):
         linear_inputs(40, 16, 8, seed=2),
         device=device, layout=LAYOUTS[layout],
     )
+
+
+# --------------------------------------------------------------------------- opcheck samples
+
+
+def opcheck_samples(op, randn):
+    """{(op name, case): arguments} for tests/test_op_table.py (see test_op_conv3x3_relu.py)."""
+    x, w, b = leaf(randn(5, 7)), leaf(randn(3, 7)), leaf(randn(3))
+    with torch.no_grad():
+        out = op("linear")(x, w, b, True)
+    grad = randn(*out.shape)
+    return {("linear", "relu"): (x, w, b, True), ("linear", "nobias"): (x, w, None, False),
+            **{("linear_backward", case): (grad, out, x.detach(), w.detach(), True, *flags)
+               for case, flags in GRAD_FLAGS.items()}}

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import LAYOUTS, check_op, exact_tensor, skip_unless_dtype
+from helpers import LAYOUTS, check_op, exact_tensor, leaf, skip_unless_dtype
 from lenet_fast import ops
 
 # LeNet's two pooling inputs at batch 64 (11x11 is odd: floor mode drops the last row
@@ -92,3 +92,14 @@ def test_non_contiguous_input_and_gradient(backend_device, layout):
                  lambda t: reference(t.transpose(2, 3)), [x], device=device, fwd_rel=0, grad_rel=0)
         return
     check_op(pool(backend), reference, [x], device=device, fwd_rel=0, grad_rel=0, layout=LAYOUTS[layout])
+
+
+# --------------------------------------------------------------------------- opcheck samples
+
+
+def opcheck_samples(op, randn):
+    """{(op name, case): arguments} for tests/test_op_table.py (see test_op_conv3x3_relu.py)."""
+    x = leaf(randn(3, 2, 8, 7))
+    with torch.no_grad():
+        pooled, code = op("maxpool2x2")(x)
+    return {("maxpool2x2", "odd"): (x,), ("maxpool2x2_backward", "odd"): (randn(*pooled.shape), code, x.detach())}

@@ -173,3 +173,32 @@ def test_bad_input_names_the_argument(change, error, message):
     args = change({"x": x, "weights": weights, "biases": biases, "target": target})
     with pytest.raises(error, match=message):
         ops.mlp_cross_entropy(args["x"], args["weights"], args["biases"], args["target"], backend="torch")
+
+
+# --------------------------------------------------------------------------- opcheck samples
+
+
+def opcheck_samples(op, randn):
+    """{(op name, case): arguments} for tests/test_op_table.py (see test_op_conv3x3_relu.py):
+    the head on 2-D features and on a conv stack's (N, C, H, W) output; its backward with
+    the loss's gradient, the logits', or both."""
+    x, weights, biases, target = head_inputs(4, 6, (5, 4, 3), seed=12)
+    device = randn(1).device
+    x, target = leaf(x.to(device)), target.to(device)
+    weights, biases = [leaf(t.to(device)) for t in weights], [leaf(t.to(device)) for t in biases]
+    x4 = leaf(x.reshape(4, 2, 1, 3))
+    with torch.no_grad():
+        _, logits, dlogits, hidden = op("mlp_cross_entropy")(x, weights, biases, target)
+        _, logits4, dlogits4, hidden4 = op("mlp_cross_entropy")(x4, weights, biases, target)
+    saved = (dlogits, logits, x.detach(), [w.detach() for w in weights], list(hidden))
+    saved4 = (dlogits4, logits4, x4.detach(), [w.detach() for w in weights], list(hidden4))
+    one, half = torch.tensor(1.0, device=device), torch.tensor(0.5, device=device)
+    return {
+        ("mlp_cross_entropy", "2d"): (x, weights, biases, target),
+        ("mlp_cross_entropy", "4d"): (x4, weights, biases, target),
+        ("mlp_cross_entropy_backward", "both-outputs"): (half, randn(*logits.shape), *saved, True, True),
+        ("mlp_cross_entropy_backward", "loss-only-no-input-grad"): (one, None, *saved, False, True),
+        ("mlp_cross_entropy_backward", "4d-loss-only"): (one, None, *saved4, True, True),
+        ("mlp_cross_entropy_backward", "logits-only-no-weight-grad"):
+            (None, randn(*logits.shape), *saved, True, False),
+    }

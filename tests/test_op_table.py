@@ -13,12 +13,13 @@ checked once for both ("triton" and "ext"), on every device where the backend ru
 Output values against stock PyTorch: tests/test_op_<name>.py.
 """
 
+import importlib
 import os
 
 import pytest
 import torch
 
-from helpers import head_inputs, leaf
+from helpers import leaf
 from lenet_fast import ops
 from lenet_fast.ops import OPS
 
@@ -66,91 +67,41 @@ def test_every_op_is_registered_with_the_tables_schemas(backend, op):
 
 # --------------------------------------------------------------------------- sample arguments
 
-# One or more calls of every forward and backward op: (op name, what the case varies).
-SAMPLES = [
-    ("conv3x3_relu", "padding"), ("conv3x3_relu", "nobias"),
-    ("conv3x3_relu_backward", "all"), ("conv3x3_relu_backward", "no-input-grad"),
-    ("conv3x3_relu_backward", "no-weight-grad"),
-    ("maxpool2x2", "odd"), ("maxpool2x2_backward", "odd"),
-    ("conv3x3_relu_maxpool2x2", "padding"), ("conv3x3_relu_maxpool2x2", "nobias"),
-    ("conv3x3_relu_maxpool2x2_backward", "all"), ("conv3x3_relu_maxpool2x2_backward", "no-input-grad"),
-    ("conv3x3_relu_maxpool2x2_backward", "no-weight-grad"),
-    ("linear", "relu"), ("linear", "nobias"),
-    ("linear_backward", "all"), ("linear_backward", "no-input-grad"), ("linear_backward", "no-weight-grad"),
-    ("mlp_cross_entropy", "2d"), ("mlp_cross_entropy", "4d"),
-    ("mlp_cross_entropy_backward", "both-outputs"), ("mlp_cross_entropy_backward", "loss-only-no-input-grad"),
-    ("mlp_cross_entropy_backward", "4d-loss-only"), ("mlp_cross_entropy_backward", "logits-only-no-weight-grad"),
-]
+def _op_tests(op):
+    """The op's own test module, tests/test_op_<name>.py, which holds its opcheck samples."""
+    return importlib.import_module(f"test_op_{op.name}")
 
 
 def _samples(backend, device):
-    """{(op name, case): arguments}: forward arguments that want gradients, backward
-    arguments (detached) from the backend's own forward outputs."""
+    """{(op name, case): arguments} of every op's forward and backward, from each op's test
+    file (`opcheck_samples`): forward arguments that want gradients, backward arguments
+    (detached) from the backend's own forward outputs."""
     g = torch.Generator().manual_seed(9)
-
-    def op(name):
-        return _op(backend, name)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
-    def d(t):
-        return t.detach()
-
-    def head(logits, dlogits, hidden, x):
-        """The mlp backward's (dlogits, logits, x, weights, hidden) arguments."""
-        return dlogits, logits, d(x), [d(t) for t in hw], list(hidden)
-
-    x, w, b = leaf(randn(3, 2, 8, 7)), leaf(randn(4, 2, 3, 3) / 4), leaf(randn(4) / 10)
-    a, lw, lb = leaf(randn(5, 7)), leaf(randn(3, 7)), leaf(randn(3))
-    hx, hw, hb, ht = head_inputs(4, 6, (5, 4, 3), seed=12)
-    hx, hw, hb, ht = leaf(hx.to(device)), [leaf(t.to(device)) for t in hw], [leaf(t.to(device)) for t in hb], \
-        ht.to(device)
-    hx4 = leaf(hx.reshape(4, 2, 1, 3))  # a conv stack's (N, C, H, W) output, flattened by the op
-    with torch.no_grad():
-        pooled, code = op("conv3x3_relu_maxpool2x2")(x, w, b, 1)
-        conv = op("conv3x3_relu")(x, w, b, 0)
-        pooled_x, pooled_code = op("maxpool2x2")(x)
-        lin = op("linear")(a, lw, lb, True)
-        _, logits, dlogits, hidden = op("mlp_cross_entropy")(hx, hw, hb, ht)
-        _, logits4, dlogits4, hidden4 = op("mlp_cross_entropy")(hx4, hw, hb, ht)
-    flags = {"all": (True, True), "no-input-grad": (False, True), "no-weight-grad": (True, False)}
-    grads = {name: randn(*out.shape) for name, out in (("conv", conv), ("pool", pooled), ("linear", lin))}
-    conv_backward = {case: (grads["conv"], conv, d(x), d(w), 0, *flags[case]) for case in flags}
-    pool_backward = {case: (grads["pool"], code, d(x), d(w), 1, *flags[case]) for case in flags}
-    linear_backward = {case: (grads["linear"], lin, d(a), d(lw), True, *flags[case]) for case in flags}
-    samples = {
-        ("conv3x3_relu", "padding"): (x, w, b, 1),
-        ("conv3x3_relu", "nobias"): (x, w, None, 0),
-        ("maxpool2x2", "odd"): (x,),
-        ("maxpool2x2_backward", "odd"): (randn(*pooled_x.shape), pooled_code, d(x)),
-        ("conv3x3_relu_maxpool2x2", "padding"): (x, w, b, 1),
-        ("conv3x3_relu_maxpool2x2", "nobias"): (x, w, None, 0),
-        ("linear", "relu"): (a, lw, lb, True),
-        ("linear", "nobias"): (a, lw, None, False),
-        ("mlp_cross_entropy", "2d"): (hx, hw, hb, ht),
-        ("mlp_cross_entropy", "4d"): (hx4, hw, hb, ht),
-        ("mlp_cross_entropy_backward", "both-outputs"):
-            (torch.tensor(0.5, device=device), randn(*logits.shape), *head(logits, dlogits, hidden, hx), True, True),
-        ("mlp_cross_entropy_backward", "loss-only-no-input-grad"):
-            (torch.tensor(1.0, device=device), None, *head(logits, dlogits, hidden, hx), False, True),
-        ("mlp_cross_entropy_backward", "4d-loss-only"):
-            (torch.tensor(1.0, device=device), None, *head(logits4, dlogits4, hidden4, hx4), True, True),
-        ("mlp_cross_entropy_backward", "logits-only-no-weight-grad"):
-            (None, randn(*logits.shape), *head(logits, dlogits, hidden, hx), True, False),
-    }
-    for case in flags:
-        samples["conv3x3_relu_backward", case] = conv_backward[case]
-        samples["conv3x3_relu_maxpool2x2_backward", case] = pool_backward[case]
-        samples["linear_backward", case] = linear_backward[case]
+    samples = {}
+    for op in OPS:
+        samples.update(_op_tests(op).opcheck_samples(lambda name: _op(backend, name), randn))
     return samples
+
+
+def _fake(name):
+    """The table's fake of op `name` (forward or backward): output shapes without a backend."""
+    op = ops.OPS_BY_NAME[name.removesuffix("_backward")]
+    return op.backward_fake if name.endswith("_backward") else op.fake
+
+
+# The cases, known without a backend (collection must not need one): the samples built on
+# meta tensors from the table's fakes.
+SAMPLES = sorted({key for op in OPS
+                  for key in _op_tests(op).opcheck_samples(_fake, lambda *shape: torch.empty(shape, device="meta"))})
 
 
 def test_every_op_has_samples():
     table = {f"{op.name}{suffix}" for op in OPS for suffix in ("", "_backward")}
     assert {name for name, _ in SAMPLES} == table
-    assert set(_samples("ext" if ops.backends.unavailable_reason("ext", "cpu") is None else "triton", "cpu")) \
-        == set(SAMPLES)
 
 
 SAMPLE_PARAMS = [pytest.param(sample, id=f"{sample[0]}-{sample[1]}") for sample in SAMPLES]
@@ -192,24 +143,22 @@ def test_fakes_match_the_real_outputs(backend_device, sample):
 
 # --------------------------------------------------------------------------- the backward contract
 
-# The backward ops that take (input_grad, weight_grad) as their last two arguments.
-FLAGGED = ["conv3x3_relu_backward", "conv3x3_relu_maxpool2x2_backward", "linear_backward"]
+# The ops whose backward takes (input_grad, weight_grad) as its last two arguments.
+FLAGGED = [op for op in OPS if op.backward_schema.split(")")[0].endswith("bool input_grad, bool weight_grad")]
 
 
 @kernel_backends
-@pytest.mark.parametrize("name", FLAGGED + ["mlp_cross_entropy_backward"])
+@pytest.mark.parametrize("op", FLAGGED, ids=lambda op: op.name)
 @pytest.mark.parametrize("wanted", ["no-input-grad", "no-weight-grad"])
-def test_backward_op_returns_empty_gradients_not_wanted(backend_device, name, wanted):
+def test_backward_op_returns_empty_gradients_not_wanted(backend_device, op, wanted):
     """(grad_x, grad_weight(s), grad_bias(es)): the ones not wanted are empty tensors; the
     wanted ones are bitwise those of a call that wants every gradient."""
     backend, device = backend_device
-    samples = _samples(backend, device)
+    name = f"{op.name}_backward"
+    sample = next(v for (n, _), v in _samples(backend, device).items() if n == name)
+    full_args = (*sample[:-2], True, True)
+    args = (*sample[:-2], wanted != "no-input-grad", wanted != "no-weight-grad")
     op = _op(backend, name)
-    if name == "mlp_cross_entropy_backward":
-        full_args = samples[name, "both-outputs"]
-        args = (*full_args[:-2], wanted != "no-input-grad", wanted != "no-weight-grad")
-    else:
-        full_args, args = samples[name, "all"], samples[name, wanted]
     full, got = op(*full_args), op(*args)
     grad_x, grad_params = got[0], _flat(got[1:])
     if wanted == "no-input-grad":
@@ -221,43 +170,56 @@ def test_backward_op_returns_empty_gradients_not_wanted(backend_device, name, wa
         assert all(g.numel() == 0 for g in grad_params), [tuple(g.shape) for g in grad_params]
 
 
-def _public_call(name, device):
-    """(inputs, call(backend, *inputs) -> a scalar to differentiate) for the public function
-    of op `name`: x first, then its parameters."""
-    g = torch.Generator().manual_seed(3)
+def _differentiable_call(op, args, forward_op):
+    """(inputs, call(*inputs) -> a scalar) for forward arguments `args` of `op`: its
+    floating-point tensors (lists flattened) are the inputs, x first; call runs `forward_op`
+    (the registered op, autograd attached) and sums its first public output."""
+    spec, inputs = [], []
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.is_floating_point():
+            spec.append(len(inputs))
+            inputs.append(arg.detach())
+        elif isinstance(arg, list):
+            spec.append(list(range(len(inputs), len(inputs) + len(arg))))
+            inputs += [t.detach() for t in arg]
+        else:
+            spec.append(("constant", arg))
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(device)
+    def call(*leaves):
+        built = [leaves[k] if isinstance(k, int) else [leaves[i] for i in k] if isinstance(k, list) else k[1]
+                 for k in spec]
+        out = op.public(forward_op(*built))
+        return (out[0] if isinstance(out, tuple) else out).sum()
 
-    if name == "maxpool2x2":
-        return [randn(2, 3, 6, 7)], lambda backend, x: ops.maxpool2x2(x, backend=backend).sum()
-    if name == "linear":
-        return [randn(5, 7), randn(3, 7), randn(3)], \
-            lambda backend, x, w, b: ops.linear(x, w, b, relu=True, backend=backend).sum()
-    if name == "mlp_cross_entropy":
-        x, weights, biases, target = head_inputs(4, 6, (5, 3), seed=4)
-        return [t.to(device) for t in (x, weights[0], biases[0], weights[1], biases[1])], \
-            lambda backend, x, w1, b1, w2, b2: ops.mlp_cross_entropy(x, [w1, w2], [b1, b2], target.to(device),
-                                                                      backend=backend)[0]
-    fn = getattr(ops, name)
-    return [randn(2, 3, 8, 7), randn(4, 3, 3, 3), randn(4)], \
-        lambda backend, x, w, b: fn(x, w, b, padding=1, backend=backend).sum()
+    return inputs, call
 
 
-# Which inputs want no gradient: x (a first layer), one parameter, every parameter.
-FROZEN = {"x": lambda n: {0}, "weight": lambda n: {1}, "bias": lambda n: {2}, "parameters": lambda n: set(range(1, n))}
-FROZEN_CASES = [pytest.param(op.name, frozen, id=f"{op.name}-{frozen}")
-                for op in OPS for frozen in (FROZEN if op.name != "maxpool2x2" else ["nothing"])]
+def _first_sample(op, backend, device):
+    """The first forward sample of op from its test file, as _differentiable_call's pair."""
+    args = next(v for (name, _), v in _samples(backend, device).items() if name == op.name)
+    return _differentiable_call(op, args, _op(backend, op.name))
+
+
+def _input_count(op):
+    args = next(v for (name, _), v in _op_tests(op).opcheck_samples(
+        _fake, lambda *shape: torch.empty(shape, device="meta")).items() if name == op.name)
+    return len(_differentiable_call(op, args, None)[0])
+
+
+# Which inputs want no gradient: x (a first layer), the first or second parameter, every parameter.
+FROZEN = {"x": lambda n: {0}, "param1": lambda n: {1}, "param2": lambda n: {2}, "params": lambda n: set(range(1, n))}
+FROZEN_CASES = [pytest.param(op, frozen, id=f"{op.name}-{frozen}")
+                for op in OPS for frozen in (FROZEN if _input_count(op) > 2 else ["nothing"])]
 
 
 @kernel_backends
-@pytest.mark.parametrize("name, frozen", FROZEN_CASES)
-def test_gradient_not_requested_is_none(backend_device, name, frozen):
+@pytest.mark.parametrize("op, frozen", FROZEN_CASES)
+def test_gradient_not_requested_is_none(backend_device, op, frozen):
     backend, device = backend_device
-    inputs, call = _public_call(name, device)
+    inputs, call = _first_sample(op, backend, device)
     no_grad = FROZEN[frozen](len(inputs)) if frozen in FROZEN else set()
     leaves = [leaf(t, i not in no_grad) for i, t in enumerate(inputs)]
-    call(backend, *leaves).backward()
+    call(*leaves).backward()
     for i, t in enumerate(leaves):
         if i in no_grad:
             assert t.grad is None, f"input {i} wants no gradient but got one"
@@ -272,11 +234,11 @@ def test_double_backward_is_refused(backend_device, op):
     (never the plain backward's fast path, whose gradient would silently not require
     grad); the first derivative alone still works."""
     backend, device = backend_device
-    inputs, call = _public_call(op.name, device)
+    inputs, call = _first_sample(op, backend, device)
     leaves = [leaf(t) for t in inputs]
-    out = call(backend, *leaves)
+    out = call(*leaves)
     name = f"lenet_fast::{KERNEL_BACKENDS[backend]}_{op.name}_backward"
     with pytest.raises(NotImplementedError, match=rf"double backward .* not supported by {name}\b"):
         torch.autograd.grad(out, leaves[0], create_graph=True)
-    (grad,) = torch.autograd.grad(call(backend, *leaves), leaves[0])
+    (grad,) = torch.autograd.grad(call(*leaves), leaves[0])
     assert grad.shape == leaves[0].shape and not grad.requires_grad
