@@ -503,18 +503,16 @@ def register_kernel_ops(prefix: str, forward: Callable[[OpDef], Any] | None = No
             continue
         triton_op(fwd, forward(op), mutates_args=(), schema=op.schema)
         backward_op = triton_op(bwd, backward(op), mutates_args=(), schema=op.backward_schema)
-        register_autograd(fwd, _glue(op, backward_op, backward(op)), setup_context=op.setup_context)
+        register_autograd(fwd, _glue(op, bwd, backward_op, backward(op)), setup_context=op.setup_context)
 
 
-def _glue(op: OpDef, backward_op, launch: Callable):
+def _glue(op: OpDef, name: str, backward_op, launch: Callable):
     """The op's autograd backward, calling `launch` (the Python backward) directly in plain
     eager mode and the registered `backward_op` under tracing: passing through the
     custom-op dispatcher costs host time per call, which bounds a small net's eager step
     on a GPU; under torch.compile / export / make_fx / opcheck (a dispatch mode is active)
     or a torch.func transform the op is called, so graphs see it."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    name = f"lenet_fast::{backward_op._name}" if hasattr(backward_op, "_name") else op.name
 
     def call(*args):
         grad = next((a for a in args if isinstance(a, torch.Tensor)), None)
