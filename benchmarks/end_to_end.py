@@ -46,8 +46,9 @@ class Contender:
     # would, and one stock row uses FusedSGD too, so the table shows what the optimizer
     # alone is worth.
     fused_optimizer: bool = False
-    # lenet_fast's train_step runs an ext LeNet's CPU step as one op (lenet_fast.fused_step);
-    # False keeps the eager autograd step, so the table shows what that op is worth.
+    # lenet_fast's train_step takes a backend's whole-step path (lenet_fast.fused_step: an ext
+    # LeNet's CPU step as one op, a triton LeNet's step as four launches); False keeps the
+    # op-by-op autograd step, so the table shows what the whole step is worth.
     fused_step: bool = True
     # The path `python -m lenet_fast.train` takes on this device with this backend.
     default_path: bool = False
@@ -89,6 +90,9 @@ def contenders(device: torch.device, available: set[str]) -> list[Contender]:
             rows.append(Contender(f"lenet_fast {backend} + CUDA graph", backend=backend, cuda_graph=True,
                                   default_path=True))
             rows.append(Contender(f"lenet_fast {backend}, eager", backend=backend))
+            if backend == "triton":
+                rows.append(Contender("lenet_fast triton op by op + CUDA graph", backend=backend, cuda_graph=True,
+                                      fused_step=False))
         else:
             rows.append(Contender(f"lenet_fast {backend}", backend=backend, default_path=True))
             if backend == "ext":

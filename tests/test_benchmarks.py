@@ -93,8 +93,8 @@ def test_interleaved_runs_train_exactly_as_runs_alone():
 
 def test_cuda_rows_compare_graphs_with_graphs():
     """On CUDA the table holds stock PyTorch with the same whole-step CUDA graph as lenet_fast's
-    default, each lenet_fast backend graphed (its default) and eager, and every torch.compile
-    mode; on the CPU, no graph rows."""
+    default, each lenet_fast backend graphed (its default) and eager, triton's op-by-op step
+    graphed, and every torch.compile mode; on the CPU, no graph rows."""
     cuda = {c.name: c for c in end_to_end.contenders(torch.device("cuda"), {"ext", "triton"})}
     stock_graph = cuda[end_to_end.STOCK_GRAPH]
     assert stock_graph.cuda_graph and stock_graph.backend is None and stock_graph.fused_optimizer
@@ -103,6 +103,9 @@ def test_cuda_rows_compare_graphs_with_graphs():
                                                                "lenet_fast triton + CUDA graph"]
     assert {"lenet_fast ext, eager", "lenet_fast triton, eager", "torch.compile reduce-overhead",
             "torch.compile max-autotune-no-cudagraphs"} <= set(cuda)
+    # What the triton four-launch step is worth: the op-by-op step under the same graph.
+    op_by_op = cuda["lenet_fast triton op by op + CUDA graph"]
+    assert op_by_op.cuda_graph and not op_by_op.fused_step and cuda["lenet_fast triton + CUDA graph"].fused_step
     cpu = end_to_end.contenders(torch.device("cpu"), {"ext"})
     assert not any(c.cuda_graph for c in cpu) and [c.name for c in cpu if c.default_path] == ["lenet_fast ext"]
 
