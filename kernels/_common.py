@@ -108,9 +108,16 @@ def dot_precision() -> str:
     return "tf32" if ALLOW_TF32 else "ieee"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for the launch wrappers' host code.  triton.cdiv and
+    triton.next_power_of_2 are constexpr functions, whose every call from Python goes
+    through Triton's JIT dispatch: a few of them per launch showed in the host time of a step."""
+    return -(-int(a) // int(b))
+
+
 def pow2_clamp(n: int, lo: int, hi: int) -> int:
     """next_power_of_2(n) limited to [lo, hi]; tl.dot needs every tile dim >= 16."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
 
 
 def pixel_block(n_pix: int, on_gpu: bool) -> int:
@@ -125,7 +132,7 @@ def pixel_block(n_pix: int, on_gpu: bool) -> int:
     take a fraction of a second instead of tens.
     """
     if not on_gpu:
-        return pow2_clamp(triton.cdiv(n_pix, 4), 64, 4096)
+        return pow2_clamp(cdiv(n_pix, 4), 64, 4096)
     return 64
 
 
@@ -144,8 +151,8 @@ def reduction_split(n_blocks: int) -> tuple[int, int]:
     only on the problem size, so the summation order, and with it the result,
     is the same on every run.
     """
-    per_program = max(1, triton.cdiv(n_blocks, _MAX_REDUCTION_PROGRAMS))
-    return max(1, triton.cdiv(n_blocks, per_program)), per_program
+    per_program = max(1, cdiv(n_blocks, _MAX_REDUCTION_PROGRAMS))
+    return max(1, cdiv(n_blocks, per_program)), per_program
 
 
 # Block sizes of the 3x3-convolution kernels (plain and pooled share them).

@@ -23,16 +23,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    conv_forward_config,
-    conv_input_grad_config,
-    conv_weight_grad_config,
-    dot_precision,
-    im2col_3x3,
-    launch,
-    reduction_split,
-    relu,
-    relu_grad,
-    split_pixel,
+    cdiv, conv_forward_config, conv_input_grad_config, conv_weight_grad_config, dot_precision, im2col_3x3,
+    launch, reduction_split, relu, relu_grad, split_pixel,
 )
 
 
@@ -164,7 +156,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pa
         return out
     n_pix = N * OH * OW
     cfg = conv_forward_config(n_pix, C_in, C_out, x.is_cuda)
-    grid = (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(C_out, cfg["BLOCK_CO"]))
+    grid = (cdiv(n_pix, cfg["BLOCK_P"]), cdiv(C_out, cfg["BLOCK_CO"]))
     launch(
         conv3x3_relu_fwd_kernel, grid,
         x, weight, bias.contiguous() if bias is not None else weight, out,
@@ -185,10 +177,10 @@ def _backward_params(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
     if n_pix == 0:
         return (x.new_zeros((C_out, C_in, 3, 3)), x.new_zeros((C_out,)))
     cfg = conv_weight_grad_config(n_pix, C_in, C_out, x.is_cuda)
-    splits, per_split = reduction_split(triton.cdiv(n_pix, cfg["BLOCK_P"]))
+    splits, per_split = reduction_split(cdiv(n_pix, cfg["BLOCK_P"]))
     gw_part = torch.empty((splits, C_out, K), device=x.device, dtype=torch.float32)
     gb_part = torch.empty((splits, C_out), device=x.device, dtype=torch.float32)
-    grid = (splits, triton.cdiv(C_out, cfg["BLOCK_CO"]), triton.cdiv(K, cfg["BLOCK_J"]))
+    grid = (splits, cdiv(C_out, cfg["BLOCK_CO"]), cdiv(K, cfg["BLOCK_J"]))
     launch(
         conv3x3_relu_bwd_weight_kernel, grid,
         x, grad, out, gw_part, gb_part,
@@ -210,7 +202,7 @@ def _backward_input(grad: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
         return gx
     n_pix = N * H * W
     cfg = conv_input_grad_config(n_pix, C_in, C_out, gx.is_cuda)
-    grid = (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(C_in, cfg["BLOCK_CI"]))
+    grid = (cdiv(n_pix, cfg["BLOCK_P"]), cdiv(C_in, cfg["BLOCK_CI"]))
     launch(
         conv3x3_relu_bwd_input_kernel, grid,
         grad, out, weight, gx,

@@ -29,17 +29,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    RELU_BLOCKED,
-    conv_forward_config,
-    conv_input_grad_config,
-    conv_weight_grad_config,
-    dot_precision,
-    im2col_3x3,
-    launch,
-    pool_update,
-    reduction_split,
-    relu,
-    split_pixel,
+    RELU_BLOCKED, cdiv, conv_forward_config, conv_input_grad_config, conv_weight_grad_config, dot_precision,
+    im2col_3x3, launch, pool_update, reduction_split, relu, split_pixel,
 )
 
 
@@ -219,7 +210,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     # Eight warps: a program holds four conv tiles (one per pool-window corner), and with
     # four warps Triton 3.6 needs 255 registers per thread for conv2 and spills (3.8: 154).
     cfg = {**conv_forward_config(n_pix, C_in, C_out, x.is_cuda), "num_warps": 8}
-    grid = (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(C_out, cfg["BLOCK_CO"]))
+    grid = (cdiv(n_pix, cfg["BLOCK_P"]), cdiv(C_out, cfg["BLOCK_CO"]))
     launch(
         conv3x3_relu_maxpool2x2_fwd_kernel, grid,
         x, weight, bias.contiguous() if bias is not None else weight, out, idx,
@@ -240,10 +231,10 @@ def _backward_params(grad: torch.Tensor, idx: torch.Tensor, x: torch.Tensor,
     if n_pix == 0:
         return x.new_zeros((C_out, C_in, 3, 3)), x.new_zeros((C_out,))
     cfg = conv_weight_grad_config(n_pix, C_in, C_out, x.is_cuda)
-    splits, per_split = reduction_split(triton.cdiv(n_pix, cfg["BLOCK_P"]))
+    splits, per_split = reduction_split(cdiv(n_pix, cfg["BLOCK_P"]))
     gw_part = torch.empty((splits, C_out, K), device=x.device, dtype=torch.float32)
     gb_part = torch.empty((splits, C_out), device=x.device, dtype=torch.float32)
-    grid = (splits, triton.cdiv(C_out, cfg["BLOCK_CO"]), triton.cdiv(K, cfg["BLOCK_J"]))
+    grid = (splits, cdiv(C_out, cfg["BLOCK_CO"]), cdiv(K, cfg["BLOCK_J"]))
     launch(
         conv3x3_relu_maxpool2x2_bwd_weight_kernel, grid,
         x, grad, idx, gw_part, gb_part,
@@ -265,7 +256,7 @@ def _backward_input(grad: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
         return gx
     n_pix = N * H * W
     cfg = conv_input_grad_config(n_pix, C_in, C_out, gx.is_cuda)
-    grid = (triton.cdiv(n_pix, cfg["BLOCK_P"]), triton.cdiv(C_in, cfg["BLOCK_CI"]))
+    grid = (cdiv(n_pix, cfg["BLOCK_P"]), cdiv(C_in, cfg["BLOCK_CI"]))
     launch(
         conv3x3_relu_maxpool2x2_bwd_input_kernel, grid,
         grad, idx, weight, gx,

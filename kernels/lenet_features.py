@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RELU_BLOCKED, launch, pool_update, pow2_clamp, relu
+from ._common import RELU_BLOCKED, cdiv, launch, pool_update, pow2_clamp, relu
 
 # LeNet's shapes (lenet_fast.model.STAGES): the kernels are written for these only.
 _H0 = tl.constexpr(28)   # input side
@@ -310,7 +310,7 @@ def features_config(N: int, on_gpu: bool = True) -> dict:
         fwd = {"BLOCK_P1": 256, "BLOCK_P2": 32, "num_warps": 8}
         bwd = {"BLOCK_Q": 8, "BLOCK_P": 32, "num_warps": 8, "num_stages": 1}
     else:
-        block_n = pow2_clamp(triton.cdiv(max(int(N), 1), 4), 1, 16)
+        block_n = pow2_clamp(cdiv(max(int(N), 1), 4), 1, 16)
         # The interpreter's tensors are capped at 2**20 elements; the 3-D
         # accumulators stay at 2**17, where numpy is still quick.
         fwd = {"BLOCK_P1": triton.next_power_of_2(block_n * 169), "BLOCK_P2": triton.next_power_of_2(block_n * 25),
@@ -323,7 +323,7 @@ def features_config(N: int, on_gpu: bool = True) -> dict:
 def features_programs(N: int, on_gpu: bool = True) -> int:
     """P, the number of programs of both kernels at batch N, and so the rows of the
     backward's partial buffers: cdiv(N, BLOCK_N); 0 for N == 0.  On a GPU, N."""
-    return triton.cdiv(int(N), features_config(N, on_gpu)["forward"]["BLOCK_N"])
+    return cdiv(int(N), features_config(N, on_gpu)["forward"]["BLOCK_N"])
 
 
 # --------------------------------------------------------------------------- launch wrappers
@@ -386,7 +386,7 @@ def features_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: to
     if N == 0:
         return features, pooled1, code1, code2
     cfg = features_config(N, x.is_cuda)["forward"]
-    launch(lenet_features_fwd_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),),
+    launch(lenet_features_fwd_kernel, (cdiv(N, cfg["BLOCK_N"]),),
            x, w1, b1, w2, b2, pooled1, code1, features, code2, N, **cfg)
     return features, pooled1, code1, code2
 

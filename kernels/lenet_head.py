@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import IGNORE_INDEX, NUM_WARPS, check_targets, dot_precision, launch, pow2_clamp, relu, relu_grad
+from ._common import IGNORE_INDEX, NUM_WARPS, cdiv, check_targets, dot_precision, launch, pow2_clamp, relu, relu_grad
 
 
 
@@ -258,11 +258,11 @@ def head_config(N: int, H1: int, C: int, on_gpu: bool = True) -> dict:
     pays per program and per op, hardly per element: about four programs of up to
     256 rows, longer steps.
     """
-    h1q, cp = pow2_clamp(triton.cdiv(H1, 4), 16, 1 << 10), pow2_clamp(C, 16, 1 << 12)
+    h1q, cp = pow2_clamp(cdiv(H1, 4), 16, 1 << 10), pow2_clamp(C, 16, 1 << 12)
     if on_gpu:
         return {"BLOCK_M": 16, "BLOCK_K": 16, "H1Q": h1q, "HC": 16, "CP": cp, "num_warps": 8,
                 "num_stages": 1}
-    return {"BLOCK_M": pow2_clamp(triton.cdiv(N, 4), 16, 256), "BLOCK_K": 128, "H1Q": h1q, "HC": 32, "CP": cp,
+    return {"BLOCK_M": pow2_clamp(cdiv(N, 4), 16, 256), "BLOCK_K": 128, "H1Q": h1q, "HC": 32, "CP": cp,
             "num_warps": NUM_WARPS}
 
 
@@ -291,7 +291,7 @@ class HeadStep(typing.NamedTuple):
 
 def num_programs(N: int, H1: int, C: int, on_gpu: bool) -> int:
     """P: the number of programs (and of partial sums) head_step uses for N rows."""
-    return triton.cdiv(N, head_config(N, H1, C, on_gpu)["BLOCK_M"])
+    return cdiv(N, head_config(N, H1, C, on_gpu)["BLOCK_M"])
 
 
 def empty_outputs(N: int, K1: int, H1: int, H2: int, C: int, device: torch.device | str,
@@ -347,7 +347,7 @@ def head_step(features: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, w4: to
     if N == 0:
         return out
     cfg = head_config(N, H1, C, on_gpu)
-    launch(lenet_head_step_kernel, (triton.cdiv(N, cfg["BLOCK_M"]),),
+    launch(lenet_head_step_kernel, (cdiv(N, cfg["BLOCK_M"]),),
            features, w3, b3, w4, b4, w5, b5, target, *out,
            N, K1, H1, H2, C, IGNORE=IGNORE_INDEX, PRECISION=dot_precision(), **cfg)
     return out

@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, launch, pow2_clamp
+from ._common import NUM_WARPS, cdiv, launch, pow2_clamp
 
 # Slots of the kernel: LeNet has 10 parameters; the rest is room for a slightly larger net.
 MAX_PARAMS = 16
@@ -318,7 +318,7 @@ def sgd_update(params: list[torch.Tensor], grads_out: list[torch.Tensor], moment
         filler = slots[:4] if slots else [loss_out] * 4
         slots += [*filler, 0, 0] * (MAX_PARAMS - len(group))
         reduce_loss = start == 0
-        programs = sum(triton.cdiv(params[i].numel(), cfg["BLOCK"]) for i in group) + reduce_loss
+        programs = sum(cdiv(params[i].numel(), cfg["BLOCK"]) for i in group) + reduce_loss
         if programs == 0:
             continue
         launch(lenet_sgd_kernel, (programs,), *slots,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, dot_precision, launch, pow2_clamp, relu, relu_grad
+from ._common import NUM_WARPS, cdiv, dot_precision, launch, pow2_clamp, relu, relu_grad
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, re
     if y.numel() == 0:
         return y
     cfg = linear_config(M, N, K, x.is_cuda)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
     launch(
         linear_fwd_kernel, grid,
         x, weight, bias.contiguous() if bias is not None else weight, y, M, N, K,
@@ -155,7 +155,7 @@ def _backward_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, r
     if gx.numel() == 0:
         return gx
     cfg = linear_config(M, N, K, y.is_cuda)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"]))
     launch(
         linear_bwd_input_kernel, grid,
         grad, y, weight, gx, M, N, K,
@@ -176,7 +176,7 @@ def _backward_params(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
         return gw.zero_(), gb.zero_()
     cfg = linear_config(M, N, K, x.is_cuda)
     # At least one program along K, so grad_b is computed even when K == 0.
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), max(1, triton.cdiv(K, cfg["BLOCK_K"])))
+    grid = (cdiv(N, cfg["BLOCK_N"]), max(1, cdiv(K, cfg["BLOCK_K"])))
     launch(
         linear_bwd_weight_kernel, grid,
         grad, y, x, gw, gb, M, N, K,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, RELU_BLOCKED, launch, pool_update
+from ._common import NUM_WARPS, RELU_BLOCKED, cdiv, launch, pool_update
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if out.numel() == 0:
         return out, idx
     launch(
-        maxpool2x2_fwd_kernel, (triton.cdiv(out.numel(), BLOCK),),
+        maxpool2x2_fwd_kernel, (cdiv(out.numel(), BLOCK),),
         x, out, idx, out.numel(), H, W, PH, PW, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return out, idx
@@ -88,7 +88,7 @@ def backward(grad_out: torch.Tensor, code: torch.Tensor, x: torch.Tensor) -> tor
     if gx.numel() == 0:
         return gx
     launch(
-        maxpool2x2_bwd_kernel, (triton.cdiv(gx.numel(), BLOCK),),
+        maxpool2x2_bwd_kernel, (cdiv(gx.numel(), BLOCK),),
         grad, idx, gx, gx.numel(), H, W, PH, PW, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return gx

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import linear
-from ._common import IGNORE_INDEX, NUM_WARPS, check_targets, launch, pow2_clamp
+from ._common import IGNORE_INDEX, NUM_WARPS, cdiv, check_targets, launch, pow2_clamp
 
 
 
@@ -94,7 +94,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tuple[t
     counted = (target != IGNORE_INDEX).sum().to(logits.dtype)
     if N > 0:
         cfg = softmax_cross_entropy_config(N, C, logits.is_cuda)
-        launch(softmax_cross_entropy_kernel, (triton.cdiv(N, cfg["BLOCK_R"]),),
+        launch(softmax_cross_entropy_kernel, (cdiv(N, cfg["BLOCK_R"]),),
                logits, target, row_loss, dz, counted, N, C, IGNORE=IGNORE_INDEX, **cfg)
     return row_loss.sum() / counted, dz  # nothing counted: 0 / 0 = NaN, as stock's mean over nothing
 
