@@ -64,6 +64,28 @@ inline NeedGrads need_grads(AutogradContext* ctx) {
   return {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_b && ctx->needs_input_grad(2)};
 }
 
+// The contract of a layer op (conv3x3_relu, conv3x3_relu_maxpool2x2, linear), as
+// lenet_fast/ops.py's glue states it for Python: forward saves (x, weight, its output or
+// pooling code) and its attribute (padding or relu); backward is one call of the backward
+// op (grad_out, output or code, x, weight, attribute, input_grad, weight_grad).
+template <typename Attr>
+void save_layer(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& saved,
+                const std::optional<at::Tensor>& b, Attr attr) {
+  ctx->save_for_backward({x, w, saved});
+  ctx->saved_data["attr"] = attr;
+  ctx->saved_data["has_bias"] = has_tensor(b);
+}
+
+template <typename Attr, typename Op>
+variable_list layer_backward(const Op& op, AutogradContext* ctx, const variable_list& grads) {
+  if (!grads[0].defined()) return zero_grads(4);
+  const auto s = ctx->get_saved_variables();
+  const NeedGrads ng = need_grads(ctx);
+  auto [dx, dw, db] =
+      call_backward_op(op, grads[0], s[2], s[0], s[1], ctx->saved_data["attr"].to<Attr>(), ng.x, ng.w || ng.b);
+  return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
+}
+
 }  // namespace lenet_fast
 
 // Registers the table op lenet_fast::ext_<name> (and ext_<name>_backward): the forward and

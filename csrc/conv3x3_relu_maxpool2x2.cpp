@@ -157,21 +157,14 @@ struct ConvReluPoolFn : public torch::autograd::Function<ConvReluPoolFn> {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(out, idx) = op.call(x, w, b, pad);
     }
-    ctx->save_for_backward({x, w, idx});
-    ctx->saved_data["pad"] = pad;
-    ctx->saved_data["has_bias"] = has_tensor(b);
+    save_layer(ctx, x, w, idx, b, pad);
     ctx->mark_non_differentiable({idx});
     return {out, idx};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
         op_handle<decltype(conv3x3_relu_maxpool2x2_bwd)>("lenet_fast::ext_conv3x3_relu_maxpool2x2_backward");
-    if (!grads[0].defined()) return zero_grads(4);
-    const auto s = ctx->get_saved_variables();
-    const NeedGrads ng = need_grads(ctx);
-    auto [dx, dw, db] =
-        call_backward_op(op, grads[0], s[2], s[0], s[1], ctx->saved_data["pad"].toInt(), ng.x, ng.w || ng.b);
-    return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
+    return layer_backward<int64_t>(op, ctx, grads);
   }
 };
 

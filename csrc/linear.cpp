@@ -279,19 +279,12 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
       at::AutoDispatchBelowADInplaceOrView guard;
       out = op.call(x, w, b, relu);
     }
-    ctx->save_for_backward({x, w, out});
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["has_bias"] = has_tensor(b);
+    save_layer(ctx, x, w, out, b, relu);
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<decltype(linear_bwd)>("lenet_fast::ext_linear_backward");
-    if (!grads[0].defined()) return zero_grads(4);
-    const auto s = ctx->get_saved_variables();
-    const NeedGrads ng = need_grads(ctx);
-    auto [dx, dw, db] =
-        call_backward_op(op, grads[0], s[2], s[0], s[1], ctx->saved_data["relu"].toBool(), ng.x, ng.w || ng.b);
-    return {grad_or_undef(ng.x, dx), grad_or_undef(ng.w, dw), grad_or_undef(ng.b, db), at::Tensor()};
+    return layer_backward<bool>(op, ctx, grads);
   }
 };
 
