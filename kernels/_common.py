@@ -90,6 +90,15 @@ IGNORE_INDEX = -100
 CPU_ONLY_CHECK = "lenet_fast: CPU-only check"
 
 
+def check_buffer(t, name: str, shape: tuple, dtype, device) -> None:
+    """ValueError unless t is a contiguous `dtype` tensor of `shape` on `device`: a buffer a
+    kernel reads or writes in place is used as it is (a copy would not be the caller's)."""
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape) or t.device != device or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}; "
+                         f"got {t.dtype}, {tuple(t.shape)} on {t.device}"
+                         f"{'' if t.is_contiguous() else ', not contiguous'}")
+
+
 def check_targets(target, num_classes: int) -> None:
     """IndexError for a target outside [0, num_classes) other than IGNORE_INDEX, on CPU
     tensors only: on a GPU it would cost kernels and a host sync every step (the kernels

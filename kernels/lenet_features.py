@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import RELU_BLOCKED, cdiv, launch, pool_update, pow2_clamp, relu
+from ._common import RELU_BLOCKED, cdiv, check_buffer, launch, pool_update, pow2_clamp, relu
 
 # LeNet's shapes (lenet_fast.model.STAGES): the kernels are written for these only.
 _H0 = tl.constexpr(28)   # input side
@@ -346,10 +346,7 @@ def _output(t: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype,
     buffer), so it must already be right; None allocates one."""
     if t is None:
         return torch.empty(shape, device=device, dtype=dtype)
-    if t.dtype != dtype or tuple(t.shape) != tuple(shape) or t.device != device or not t.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}; "
-                         f"got {t.dtype}, {tuple(t.shape)} on {t.device}"
-                         f"{'' if t.is_contiguous() else ', not contiguous'}")
+    check_buffer(t, name, shape, dtype, device)
     return t
 
 

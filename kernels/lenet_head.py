@@ -69,7 +69,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import IGNORE_INDEX, NUM_WARPS, cdiv, check_targets, dot_precision, launch, pow2_clamp, relu, relu_grad
+from ._common import (
+    IGNORE_INDEX, NUM_WARPS, cdiv, check_buffer, check_targets, dot_precision, launch, pow2_clamp, relu, relu_grad,
+)
 
 
 
@@ -339,10 +341,7 @@ def head_step(features: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, w4: to
     else:
         want = empty_outputs(N, K1, H1, H2, C, "meta", on_gpu)
         for name, got, ref in zip(HeadStep._fields, out, want):
-            if got.shape != ref.shape or got.dtype != ref.dtype or got.device != features.device \
-                    or not got.is_contiguous():
-                raise ValueError(f"head_step: out.{name} must be a contiguous {ref.dtype} tensor of shape "
-                                 f"{tuple(ref.shape)} on {features.device}")
+            check_buffer(got, f"head_step: out.{name}", ref.shape, ref.dtype, features.device)
     check_targets(target, C)
     if N == 0:
         return out

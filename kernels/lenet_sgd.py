@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, cdiv, launch, pow2_clamp
+from ._common import NUM_WARPS, cdiv, check_buffer, launch, pow2_clamp
 
 # Slots of the kernel: LeNet has 10 parameters; the rest is room for a slightly larger net.
 MAX_PARAMS = 16
@@ -274,9 +274,7 @@ def sgd_update(params: list[torch.Tensor], grads_out: list[torch.Tensor], moment
     for i, (p, g, m, q) in enumerate(zip(params, grads_out, momentum_buffers, partials)):
         for name, t, shape in (("param", p, p.shape), ("grads_out", g, p.shape), ("momentum buffer", m, p.shape),
                                ("partials", q, (q.shape[0] if q.dim() else -1, *p.shape))):
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device or t.shape != shape:
-                raise ValueError(f"sgd_update: {name} {i} must be a contiguous fp32 tensor of shape {tuple(shape)} "
-                                 f"on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+            check_buffer(t, f"sgd_update: {name} {i}", shape, torch.float32, device)
         if p.numel() >= 2**31:
             raise ValueError(f"sgd_update: param {i} has {p.numel()} elements, more than a program index reaches")
     P = loss_part.shape[0] if loss_part.dim() == 1 else -1
@@ -285,9 +283,7 @@ def sgd_update(params: list[torch.Tensor], grads_out: list[torch.Tensor], moment
                                   ("correct_part", correct_part, torch.int32, (P,)),
                                   ("loss_out", loss_out, torch.float32, ()),
                                   ("correct_out", correct_out, torch.int64, ())):
-        if t.dtype != dtype or t.shape != shape or t.device != device or not t.is_contiguous():
-            raise ValueError(f"sgd_update: {name} must be a contiguous {dtype} tensor of shape {shape} on {device}, "
-                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        check_buffer(t, f"sgd_update: {name}", shape, dtype, device)
     lr_tensor = _device_scalar(lr, "lr", device)
     scale_tensor = _device_scalar(grad_scale, "grad_scale", device)
     cfg = sgd_config(tuple(p.numel() for p in params), device.type == "cuda")
