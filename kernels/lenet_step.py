@@ -73,7 +73,9 @@ def sgd_train_step(x: torch.Tensor, target: torch.Tensor, params: list[torch.Ten
     workspace: make_workspace's buffers; default: kept per (batch size, device) and reused."""
     if workspace is None:
         key = (x.shape[0], x.device)
-        workspace = _WORKSPACES.get(key) or _WORKSPACES.setdefault(key, make_workspace(*key, params))
+        if key not in _WORKSPACES:
+            _WORKSPACES[key] = make_workspace(*key, params)
+        workspace = _WORKSPACES[key]
     (pooled1, code1, features, code2), head, conv_partials = workspace
     features_forward(x, *params[:4], pooled1=pooled1, code1=code1, features=features, code2=code2)
     head_step(features.view(x.shape[0], -1), *params[4:], target, out=head)

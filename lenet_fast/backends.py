@@ -33,6 +33,11 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend exists but cannot run here (the message says why)."""
 
 
+def count_correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(logits.argmax(1) == target).sum(), on the device: torch's count of correct predictions."""
+    return (logits.argmax(1) == target).sum()  # argmax records no graph
+
+
 def _cuda_reason(device_type: str) -> str | None:
     if device_type == "cuda" and not torch.cuda.is_available():
         return "torch.cuda.is_available() is False (no NVIDIA GPU or driver)"
@@ -63,8 +68,7 @@ class Backend:
         loss.backward()
 
     def count_correct(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(logits.argmax(1) == target).sum(), on the device."""
-        return (logits.argmax(1) == target).sum()  # argmax records no graph
+        return count_correct(logits, target)
 
     def train_step(self, model, optimizer, x: torch.Tensor, y: torch.Tensor):
         """A whole training step in fewer launches, as (loss, correct), or None when this

@@ -64,10 +64,11 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0)
 
 
-def _flags(ctx, x_slot: int = 0, param_slots: tuple[int, ...] = (1, 2)) -> tuple[bool, bool]:
-    """(input_grad, weight_grad) for the backward op from autograd's needs_input_grad."""
+def _flags(ctx) -> tuple[bool, bool]:
+    """(input_grad, weight_grad) for the backward op from autograd's needs_input_grad of
+    (x, weight(s), bias(es), ...)."""
     needs = ctx.needs_input_grad
-    return needs[x_slot], any(needs[i] for i in param_slots)
+    return needs[0], needs[1] or needs[2]
 
 
 # --------------------------------------------------------------------------- checks shared by several ops
@@ -406,8 +407,7 @@ def _mlp_backward(ctx, backward_op, grad_loss, grad_logits, _grad_dlogits, _grad
     dlogits, logits, x, *rest = ctx.saved_tensors
     weights, hidden = rest[:ctx.layers], rest[ctx.layers:]
     needs = ctx.needs_input_grad
-    grad_x, grad_w, grad_b = backward_op(grad_loss, grad_logits, dlogits, logits, x, weights, hidden,
-                                         needs[0], needs[1] or needs[2])
+    grad_x, grad_w, grad_b = backward_op(grad_loss, grad_logits, dlogits, logits, x, weights, hidden, *_flags(ctx))
     return (grad_x if needs[0] else None, list(grad_w) if needs[1] else None,
             list(grad_b) if needs[2] else None, None)
 
